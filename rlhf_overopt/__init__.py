@@ -1,0 +1,1 @@
+"""Reward-model overoptimization research framework for RLHF."""

@@ -1,0 +1,1 @@
+"""One readable driver per method; each exposes run(ctx) -> summary dict."""

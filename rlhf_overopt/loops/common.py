@@ -1,0 +1,120 @@
+"""What every driver loop shares: process group, seeds, run directory lifecycle, testbed, tracking.
+
+`execute(cfg, driver)` wraps one method's driver: it prepares the run (rank 0 creates the run
+directory and builds the testbed while other ranks wait), calls ``driver(ctx)``, and records the
+outcome in summary.json — "completed" with the driver's summary, or "failed" with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rlhf_overopt import dist
+from rlhf_overopt.config import Config
+from rlhf_overopt.runs import RunDir, summarize_curves
+
+log = logging.getLogger("rlhf_overopt")
+
+
+class InputError(ValueError):
+    """Bad input found once work has started (a data row, a model, a reward): exit status 2."""
+
+
+@dataclass
+class RunContext:
+    """Everything a driver needs besides the config."""
+
+    cfg: Config
+    dist: dist.DistInfo
+    run: RunDir
+    state: str  # "new" | "resume"
+    testbed: Any = None  # rlhf_overopt.testbed.build.Testbed when the config uses the testbed
+    started: float = field(default_factory=time.time)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (each rank passes seed + rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def uses_testbed(cfg: Config) -> bool:
+    return cfg.method == "build_testbed" or "testbed" in (cfg.policy.path, cfg.gold.path, cfg.dpo.dataset)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rlhf_overopt").setLevel(level)
+
+
+def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, Any] | None],
+            argv: list[str] | None = None) -> int:
+    """Run `driver` inside the shared lifecycle; returns the process exit status."""
+    info = dist.init(cfg.device)
+    state = dist.broadcast_object(state)
+    if state == "completed":
+        return 0
+    setup_logging(info.rank)
+    seed_everything(cfg.seed + info.rank)
+    run = RunDir(cfg.run_dir, writable=info.is_main)
+    ctx = RunContext(cfg=cfg, dist=info, run=run, state=state)
+    try:
+        if info.is_main:
+            run.init(cfg, argv)
+            log.info("run directory %s (%s), %d rank(s) on %s", run.root, state, info.world_size, info.device)
+        if uses_testbed(cfg):
+            from rlhf_overopt.testbed.build import build_testbed
+
+            # Rank 0 builds (or finds) the testbed first; the others then open the cached copy.
+            if info.is_main:
+                ctx.testbed = build_testbed(cfg.testbed, progress=True)
+            dist.barrier()
+            if not info.is_main:
+                ctx.testbed = build_testbed(cfg.testbed, progress=False)
+        summary = driver(ctx) or {}
+        dist.barrier()
+        if info.is_main:
+            run.write_summary({
+                "status": "completed",
+                "method": cfg.method,
+                "wall_time_s": round(time.time() - ctx.started, 2),
+                "curves": summarize_curves(run.curves()),
+                **summary,
+            })
+            log.info("done in %.1f s; results in %s", time.time() - ctx.started, run.root)
+        return 0
+    except InputError as exc:
+        _record_failure(ctx, exc)
+        log.error("input error: %s", exc)
+        return 2
+    except KeyboardInterrupt as exc:
+        _record_failure(ctx, exc)
+        raise
+    except Exception as exc:
+        _record_failure(ctx, exc)
+        raise
+
+
+def _record_failure(ctx: RunContext, exc: BaseException) -> None:
+    if ctx.dist.is_main and ctx.run.root.exists():
+        ctx.run.write_summary({
+            "status": "failed",
+            "method": ctx.cfg.method,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=8),
+            "wall_time_s": round(time.time() - ctx.started, 2),
+        })

@@ -1,0 +1,158 @@
+"""Config loading: round trip, overrides, and one clear error (exit 2) for every kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_overopt.config import Config, ConfigError, dump_yaml, field_docs, load_config
+from rlhf_overopt.runs import check_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_derived_names(tmp_path):
+    cfg = load_config(write(tmp_path, "method: bon\n", "my_exp.yaml"))
+    assert cfg.method == "bon"
+    assert cfg.name == "my_exp"
+    assert cfg.output_dir == str(Path("runs") / "my_exp")
+    assert cfg.proxy.k == 5 and cfg.aggregate.name == "mean"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "method: ppo\nppo:\n  kl_coef: 0.1\n"), [
+        "ppo.kl_coef=0.05", "ppo.steps=7", "ppo.adaptive_kl=true", "name=2024", "bon.n_grid=[1,2,4]",
+        "deepspeed.zero_stage=3",
+    ])
+    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.steps == 7 and cfg.ppo.adaptive_kl is True
+    assert cfg.name == "2024"  # string fields keep the raw text
+    assert cfg.bon.n_grid == [1, 2, 4]
+    assert cfg.deepspeed.zero_stage == 3
+
+
+def test_int_is_accepted_for_float_fields(tmp_path):
+    cfg = load_config(write(tmp_path, "ppo:\n  kl_coef: 1\n"))
+    assert isinstance(cfg.ppo.kl_coef, float) and cfg.ppo.kl_coef == 1.0
+
+
+def test_round_trip_through_resolved_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "method: bon\nproxy:\n  k: 3\n"), ["aggregate.name=uwo"])
+    resolved = write(tmp_path, dump_yaml(cfg, {"git_sha": "abc"}), "resolved.yaml")
+    again = load_config(resolved)
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, key",
+    [
+        ("methd: ppo\n", [], "methd"),  # unknown top-level key
+        ("ppo:\n  kl_cof: 0.1\n", [], "ppo.kl_cof"),  # unknown nested key
+        ("", ["ppo.nope=1"], "ppo.nope"),
+        ("ppo:\n  steps: ten\n", [], "ppo.steps"),  # wrong type
+        ("ppo:\n  steps: 2.5\n", [], "ppo.steps"),
+        ("ppo:\n  adaptive_kl: 1\n", [], "ppo.adaptive_kl"),  # int is not a bool
+        ("method: sft\n", [], "method"),  # not a choice
+        ("ppo: 3\n", [], "ppo"),  # a section must be a mapping
+        ("proxy:\n  k: 0\n", [], "proxy.k"),  # impossible values
+        ("ppo:\n  steps: -1\n", [], "ppo.steps"),
+        ("ppo:\n  lr: 0\n", [], "ppo.lr"),
+        ("eval:\n  top_p: 1.5\n", [], "eval.top_p"),
+        ("testbed:\n  label_noise: 1.2\n", [], "testbed.label_noise"),
+        ("ppo:\n  kl_coef: .nan\n", [], "ppo.kl_coef"),
+        ("ppo:\n  batch_size: 10\n  mini_batch_size: 4\n", [], "ppo.mini_batch_size"),  # combination
+        ("aggregate:\n  name: max\n", [], "aggregate.name"),
+        ("proxy:\n  k: 3\naggregate:\n  name: member_3\n", [], "aggregate.name"),
+        ("bon:\n  pool_size: 8\n  n_grid: [1, 16]\n", [], "bon.n_grid[1]"),  # n > N
+        ("testbed:\n  n_embd: 30\n  n_head: 4\n", [], "testbed.n_embd"),
+        ("policy:\n  path: /nonexistent/model\n", [], "policy.path"),  # missing files
+        ("gold:\n  path: ./missing_gold\n", [], "gold.path"),
+        ("deepspeed:\n  config: nothere.json\n", [], "deepspeed.config"),
+        ("", ["ppo.kl_coef"], "ppo.kl_coef"),  # override without '='
+        ("", ["ppo.steps=[unclosed"], "ppo.steps"),
+    ],
+)
+def test_bad_input_names_the_key(tmp_path, yaml_text, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, yaml_text), overrides)
+    message = str(info.value)
+    assert message.startswith(key + ":"), message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "ppo: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping of keys"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_every_field_has_a_docstring():
+    rows = field_docs()
+    assert len(rows) > 80
+    undocumented = [key for key, _, _, doc in rows if not doc]
+    assert undocumented == []
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(write(tmp_path, "method: bon\n"), [f"output_dir={out}"])
+    assert check_run_dir(cfg) == "new"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    with pytest.raises(ConfigError, match="output_dir: .* already holds a run"):
+        check_run_dir(cfg)
+    resumed = load_config(write(tmp_path, "method: bon\n"), [f"output_dir={out}", "resume=true"])
+    assert check_run_dir(resumed) == "resume"
+    changed = load_config(write(tmp_path, "method: bon\n"), [f"output_dir={out}", "resume=true", "proxy.k=3"])
+    with pytest.raises(ConfigError, match=r"^proxy\.k: differs from the run being resumed"):
+        check_run_dir(changed)
+    (out / "summary.json").write_text('{"status": "completed"}')
+    assert check_run_dir(resumed) == "completed"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_exit_2_before_any_work(tmp_path):
+    cfg = write(tmp_path, "method: bon\nproxy:\n  kk: 3\n")
+    result = run_cli("--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["config error: proxy.kk: unknown key (known: " +
+                                                  result.stderr.split("(known: ")[1].strip()]
+    assert not (tmp_path / "runs").exists()  # nothing created
+    result = run_cli("--config", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert result.returncode == 2 and "file not found" in result.stderr
+    result = run_cli("--config", str(write(tmp_path, "method: ppo\n", "p.yaml")), "ppo.kl_coef=abc", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("config error: ppo.kl_coef: expected a number")
+
+
+def test_cli_list_keys(tmp_path):
+    result = run_cli("--list-keys", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "ppo.kl_coef (float, default 0.01):" in result.stdout
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        if "sweeps" in path.parts:
+            continue
+        cfg = load_config(path, check_paths=False)
+        assert isinstance(cfg, Config), path
+        # tiny twins exist for every main config
+        if path.parent.name == "configs":
+            assert (ROOT / "configs" / "tiny" / path.name).exists(), f"no tiny twin for {path.name}"
+    assert yaml.safe_load((ROOT / "configs" / "ppo_ensemble.yaml").read_text())["method"] == "ppo"
