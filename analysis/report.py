@@ -1,0 +1,355 @@
+"""Overoptimization report for run directories: fits, figures and a markdown table.
+
+Command line::
+
+    python -m analysis.report RUN_DIR [RUN_DIR ...] --out DIR [--form auto|bon|rl]
+                              [--members] [--wandb]
+
+Each RUN_DIR is a run directory or a sweep folder of run directories. For every method found
+it writes ``DIR/curves_<method>.png`` and ``DIR/frontier_<method>.png``; it writes
+``DIR/table.md`` (one row per curve) and prints the table. ``--members`` adds one ensemble
+member-spread figure per curve. ``--wandb`` uploads the figures and the table to Weights & Biases
+(mode from the environment variable WANDB_MODE, "offline" by default).
+
+Fits follow Gao, Schulman & Hilton (2022, §3): gold relative to the initial policy against
+d = sqrt(KL), R_bon(d) = d (alpha - beta d) with peak d* = alpha / (2 beta), or
+R_rl(d) = d (alpha - beta log d) with peak d* = exp(alpha / beta - 1). ``--form auto`` uses the
+best-of-n form for method "bon" and the RL form for every other method.
+
+Exit status: 0 on success, 2 when an input is missing or holds no valid curve, 1 when the
+W&B upload cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.fit import (
+    FitResult,
+    fit_bon,
+    fit_rl,
+    overoptimization_measures,
+    predicted_peak_bon,
+    predicted_peak_rl,
+)
+from analysis.load import Curve, RunDirError, load_runs
+from analysis.plots import FittedForm, plot_frontier, plot_member_spread, plot_method_curves
+
+FORMS = ("auto", "bon", "rl")
+_FITTERS: dict[str, tuple[Callable[[Any, Any], FitResult], Callable[[float, float], float]]] = {
+    "bon": (fit_bon, predicted_peak_bon),
+    "rl": (fit_rl, predicted_peak_rl),
+}
+
+# (row key, table header, kind); kind selects the cell formatting.
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run", "run", "text"),
+    ("method", "method", "text"),
+    ("aggregator", "aggregator", "text"),
+    ("kl_coef", "kl_coef", "number"),
+    ("beta", "beta", "number"),
+    ("seed", "seed", "text"),
+    ("peak_gold", "peak gold", "number"),
+    ("sqrt_kl_at_peak", "sqrt_kl at peak", "number"),
+    ("final_gold", "gold at largest budget", "number"),
+    ("drop_from_peak", "drop from peak", "number"),
+    ("drop_from_peak_rel", "drop (% of gain)", "percent"),
+    ("proxy_at_peak", "proxy at peak", "number"),
+    ("form", "fit form", "text"),
+    ("fit_alpha", "fit α", "number"),
+    ("fit_beta", "fit β", "number"),
+    ("fit_r2", "fit R²", "number"),
+    ("predicted_peak_sqrt_kl", "predicted peak d", "number"),
+)
+# Columns shown only when at least one row has a value.
+_OPTIONAL_COLUMNS = frozenset({"kl_coef", "beta", "seed"})
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` produced."""
+
+    rows: list[dict[str, Any]]
+    """One dict per curve: labels, overoptimization measures and fit (see :func:`build_rows`)."""
+    table: str
+    """The markdown table of ``rows``."""
+    table_path: Path
+    """``DIR/table.md``."""
+    images: list[Path]
+    """Every PNG written."""
+
+
+def resolve_form(method: str, form: str) -> str:
+    """The Gao form to fit: ``form`` itself, or for "auto" "bon" if method is "bon" else "rl"."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form != "auto":
+        return form
+    return "bon" if method == "bon" else "rl"
+
+
+def _budget(curve: Curve) -> np.ndarray:
+    """Optimization budget of each point: n for best-of-n rows, the step otherwise."""
+    if curve.n.size and np.all(np.isfinite(curve.n)):
+        return curve.n
+    return curve.step.astype(np.float64)
+
+
+def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:
+    """Measure and fit every curve; one row per curve, sorted by method, aggregator, coefficients.
+
+    Row keys: run, method, aggregator, kl_coef, beta, seed, the keys of
+    :func:`analysis.fit.overoptimization_measures` (peak_gold, sqrt_kl_at_peak, ...), form,
+    fit_alpha, fit_beta, fit_r2, predicted_peak_sqrt_kl. Measures and fits use gold relative
+    to the initial policy and d = sqrt_kl; a fit that is not identifiable (too few points)
+    leaves its keys None.
+    """
+    rows = []
+    for curve in _sorted_curves(curves):
+        row: dict[str, Any] = {
+            "run": curve.run_dir.name,
+            "method": curve.method,
+            "aggregator": curve.aggregator,
+            "kl_coef": curve.kl_coef,
+            "beta": curve.beta,
+            "seed": curve.seed,
+        }
+        try:
+            row.update(
+                overoptimization_measures(curve.sqrt_kl, curve.gold, curve.proxy, budget=_budget(curve))
+            )
+        except ValueError:
+            pass
+        chosen = resolve_form(curve.method, form)
+        row["form"] = chosen
+        fitter, peak = _FITTERS[chosen]
+        try:
+            alpha, beta, r2 = fitter(curve.sqrt_kl, curve.gold)
+        except ValueError:
+            row.update(fit_alpha=None, fit_beta=None, fit_r2=None, predicted_peak_sqrt_kl=None)
+        else:
+            row.update(fit_alpha=alpha, fit_beta=beta, fit_r2=r2, predicted_peak_sqrt_kl=peak(alpha, beta))
+        rows.append(row)
+    return rows
+
+
+def _sort_key(curve: Curve) -> tuple[Any, ...]:
+    def number(value: float | None) -> float:
+        return -math.inf if value is None else value
+
+    return (
+        curve.method,
+        curve.aggregator or "",
+        number(curve.kl_coef),
+        number(curve.beta),
+        -1 if curve.seed is None else curve.seed,
+        str(curve.run_dir),
+    )
+
+
+def _sorted_curves(curves: Sequence[Curve]) -> list[Curve]:
+    return sorted(curves, key=_sort_key)
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return ""
+    if kind == "text":
+        return str(value).replace("|", "\\|")
+    number = float(value)
+    if math.isnan(number):
+        return "—"
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    if kind == "percent":
+        return f"{100.0 * number:.1f}%"
+    return f"{number:.4g}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Render rows from :func:`build_rows` as a markdown table (optional columns only if used)."""
+    columns = [
+        (key, header, kind)
+        for key, header, kind in _COLUMNS
+        if key not in _OPTIONAL_COLUMNS or any(row.get(key) is not None for row in rows)
+    ]
+    lines = [
+        "| " + " | ".join(header for _, header, _ in columns) + " |",
+        "|" + "|".join("---" if kind == "text" else "---:" for _, _, kind in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), kind) for key, _, kind in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TABLE_NOTE = (
+    "\nGold and proxy are relative to the initial policy; d = sqrt(KL(π‖π_init)) in sqrt nats. "
+    "Drop = peak gold − gold at the largest budget (n for best-of-n, last step for RL), also as "
+    "a share of the peak's gain over the initial policy. Fits (Gao et al. 2022): "
+    "bon R(d) = d(α − βd), peak α/(2β); rl R(d) = d(α − β log d), peak exp(α/β − 1).\n"
+)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "none"
+
+
+def write_report(
+    curves: Sequence[Curve],
+    out_dir: str | Path,
+    *,
+    form: str = "auto",
+    members: bool = False,
+) -> Report:
+    """Write ``curves_<method>.png``, ``frontier_<method>.png`` and ``table.md`` under out_dir.
+
+    With ``members`` also ``members_<method>_<NN>_<label>.png``, one per curve.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = _sorted_curves(curves)
+    rows = build_rows(ordered, form)
+    images: list[Path] = []
+    for method in sorted({c.method for c in ordered}):
+        indices = [i for i, c in enumerate(ordered) if c.method == method]
+        group = [ordered[i] for i in indices]
+        fits: list[FittedForm | None] = []
+        for i in indices:
+            row = rows[i]
+            fits.append(
+                None if row["fit_alpha"] is None else (row["form"], row["fit_alpha"], row["fit_beta"])
+            )
+        name = _slug(method)
+        images.append(plot_method_curves(group, out / f"curves_{name}.png", fits=fits))
+        images.append(plot_frontier(group, out / f"frontier_{name}.png"))
+        if members:
+            for j, curve in enumerate(group):
+                images.append(
+                    plot_member_spread(curve, out / f"members_{name}_{j:02d}_{_slug(curve.label)}.png")
+                )
+    table = format_table(rows)
+    table_path = out / "table.md"
+    table_path.write_text(table + _TABLE_NOTE, encoding="utf-8")
+    return Report(rows=rows, table=table, table_path=table_path, images=images)
+
+
+def _wandb_section(curves: Sequence[Curve]) -> Mapping[str, Any]:
+    for curve in curves:
+        section = curve.config.get("wandb")
+        if isinstance(section, Mapping):
+            return section
+    return {}
+
+
+def upload_to_wandb(report: Report, curves: Sequence[Curve], *, form: str = "auto") -> None:
+    """Log the report's figures and table to a W&B analysis run.
+
+    wandb is imported here only. Mode comes from the environment variable WANDB_MODE
+    ("offline" by default, so nothing needs a login); project, group and entity from the first
+    ``wandb:`` section found in the runs' config.yaml (project defaults to "rlhf_overopt").
+    The PNGs and table.md are also attached as one artifact of type "analysis".
+
+    Raises:
+        ImportError: wandb is not installed.
+    """
+    import wandb
+
+    section = _wandb_section(curves)
+    out_dir = report.table_path.parent
+    run = wandb.init(
+        project=str(section.get("project") or "rlhf_overopt"),
+        group=section.get("group"),
+        entity=section.get("entity"),
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        job_type="analysis",
+        dir=str(out_dir),
+        config={"run_dirs": sorted({str(c.run_dir) for c in curves}), "form": form},
+    )
+    try:
+        columns = [key for key, _, _ in _COLUMNS]
+        run.log(
+            {
+                **{f"figures/{path.stem}": wandb.Image(str(path)) for path in report.images},
+                "overoptimization_table": wandb.Table(
+                    columns=columns, data=[[row.get(key) for key in columns] for row in report.rows]
+                ),
+            }
+        )
+        artifact = wandb.Artifact("overoptimization_report", type="analysis")
+        for path in [*report.images, report.table_path]:
+            artifact.add_file(str(path))
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m analysis.report``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report",
+        description="Fit Gao et al. (2022) forms to run directories; write figures and a table.",
+    )
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory or sweep folder of runs"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        default="auto",
+        help="functional form to fit (auto: bon for method 'bon', rl otherwise)",
+    )
+    parser.add_argument(
+        "--members", action="store_true", help="also plot each curve's ensemble member scores"
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="upload figures and table to W&B (WANDB_MODE, default offline)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the report; return the process exit status (0 ok, 2 bad input, 1 upload failed)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            curves = load_runs(args.run_dirs)
+        except RunDirError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if not curves:
+        print(f"error: no valid evaluation rows in {' '.join(args.run_dirs)}", file=sys.stderr)
+        return 2
+
+    report = write_report(curves, args.out, form=args.form, members=args.members)
+    print(report.table, end="")
+    if args.wandb:
+        try:
+            upload_to_wandb(report, curves, form=args.form)
+        except ImportError:
+            print("error: --wandb needs the wandb package (pip install wandb)", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
