@@ -141,6 +141,14 @@ class ProxyConfig:
     """What to do with a failed member: stop, keep it with a warning, or drop it."""
     score_batch_size: int = 256
     """Responses per proxy scoring batch."""
+    max_length: int = 0
+    """Token cap of prompt + response (+ EOS) fed to a proxy, keeping the end; 0 means the backbone's context length."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of proxy training."""
+    multihead_bootstrap: bool = True
+    """kind=multihead: each head trains on its own resample (with replacement) of every batch, so heads see different data."""
+    score_method: Literal["loop", "vmap"] = "loop"
+    """kind=independent|pretrain: score members one by one, or all at once with torch.func.vmap over stacked weights."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,8 @@ class DPOConfig:
     """Loss family member."""
     lr: float = 5e-4
     """Learning rate."""
+    lr_final_ratio: float = 1.0
+    """Cosine decay of the learning rate to this fraction at the last step (1.0: constant)."""
     epochs: float = 1.0
     """Passes over the preference data (fractions allowed)."""
     batch_size: int = 32
@@ -275,17 +285,29 @@ class DPOConfig:
     """'testbed' preferences, or a path to a `datasets` dataset with prompt/chosen/rejected."""
     quality: Literal["high", "medium", "low"] = "high"
     """Testbed data-quality tier: share of pairs whose one response comes from the corpus."""
+    corpus_share_medium: float = 0.25
+    """Share of pairs in the medium tier whose one response is replaced by a corpus review continuation."""
+    corpus_share_low: float = 0.5
+    """Share of pairs in the low tier whose one response is replaced by a corpus review continuation."""
+    max_length: int = 0
+    """Token cap of prompt + response (+ EOS) in training pairs; 0 means the policy's context length."""
+    length_normalize: bool = False
+    """Average each response's log-ratio over its tokens instead of summing (TRL does this for IPO)."""
     precompute_ref: bool = True
-    """Compute reference log-probs once up front."""
+    """Compute reference log-probs once up front (else a frozen reference runs on every batch)."""
+    logprob_batch_size: int = 64
+    """Pairs per forward pass when precomputing reference log-probs and proxy margins."""
     evals_per_epoch: int = 8
-    """Evaluation points per epoch."""
+    """Evaluation points per epoch (plus step 0 and the last step)."""
+    save_every: int = 50
+    """Checkpoint every this many optimizer steps (and at the end)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
 
 
 @dataclass(frozen=True)
 class MADPOConfig:
-    """Margin-adaptive DPO weights (Rho 2025)."""
+    """Margin-adaptive DPO weights (Rho 2025); the margin comes from the proxy ensemble."""
 
     c_max: float = 2.0
     """Largest weight slope."""
@@ -295,6 +317,10 @@ class MADPOConfig:
     """Steepness of the transition around tau."""
     tau: float = math.log(999)
     """Margin at which the weighting switches off."""
+    margin_aggregator: str = "member_0"
+    """Aggregator applied to the K member margins r_i(chosen) - r_i(rejected): member_<i> (the paper's single RM), mean, wco, uwo, ..."""
+    standardized_margins: bool = False
+    """Margins from standardized member scores; False keeps the raw Bradley-Terry logits the weight formula assumes."""
 
 
 @dataclass(frozen=True)
@@ -403,6 +429,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; read it as the number meant.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):
@@ -557,6 +589,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         "ppo.save_every": cfg.ppo.save_every,
         "dpo.batch_size": cfg.dpo.batch_size,
         "dpo.evals_per_epoch": cfg.dpo.evals_per_epoch,
+        "dpo.logprob_batch_size": cfg.dpo.logprob_batch_size,
+        "dpo.save_every": cfg.dpo.save_every,
     }
     for key, value in positive_ints.items():
         _require(value > 0, key, f"must be positive, got {value}")
@@ -606,6 +640,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _require(0 <= cfg.ppo.lam <= 1, "ppo.lam", f"must be in [0, 1], got {cfg.ppo.lam}")
     _require(0 < cfg.ppo.gamma <= 1, "ppo.gamma", f"must be in (0, 1], got {cfg.ppo.gamma}")
     _require(0 < cfg.ppo.lr_final_ratio <= 1, "ppo.lr_final_ratio", "must be in (0, 1]")
+    _require(0 < cfg.dpo.lr_final_ratio <= 1, "dpo.lr_final_ratio", "must be in (0, 1]")
+    _require(cfg.dpo.max_length >= 0, "dpo.max_length", "must be >= 0 (0 means the policy's context length)")
+    for key, value in {"dpo.corpus_share_medium": cfg.dpo.corpus_share_medium,
+                       "dpo.corpus_share_low": cfg.dpo.corpus_share_low}.items():
+        _require(0 <= value <= 1, key, f"must be in [0, 1], got {value}")
     _require(cfg.madpo.c_max > 1, "madpo.c_max", f"must be > 1, got {cfg.madpo.c_max}")
     _require(0 <= cfg.madpo.c_min < 1, "madpo.c_min", f"must be in [0, 1) (0 means 1/c_max), got {cfg.madpo.c_min}")
 
@@ -626,6 +665,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 
     names = ("mean", "wco", "uwo", "median", "mean_minus_std")
     _check_aggregator(cfg.aggregate.name, cfg.proxy.k, "aggregate.name", names)
+    _check_aggregator(cfg.madpo.margin_aggregator, cfg.proxy.k, "madpo.margin_aggregator", names)
     for i, agg in enumerate(cfg.bon.aggregators):
         if agg != "members":
             _check_aggregator(agg, cfg.proxy.k, f"bon.aggregators[{i}]", names)

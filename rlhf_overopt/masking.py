@@ -86,8 +86,33 @@ def masked_whiten(
     """
     keep = _check_mask(x, mask)
     x = torch.where(keep, x, torch.zeros_like(x))
-    mu = masked_mean(x, keep)
-    var = masked_var(x, keep, unbiased=True)
+    return _whiten(x, keep, masked_mean(x, keep), masked_var(x, keep, unbiased=True), shift_mean, eps)
+
+
+def whiten_from_moments(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    count: torch.Tensor,
+    total: torch.Tensor,
+    total_sq: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """`masked_whiten` with statistics from moments summed elsewhere (e.g. over data-parallel ranks).
+
+    n = count, mu = total / n, var = (total_sq - n * mu^2) / (n - 1) (unbiased, as masked_whiten).
+    With the moments of x itself this equals masked_whiten(x, mask) up to rounding.
+    x: any shape; mask: same shape, 0/1; count, total, total_sq: 0-d. Returns the shape of x.
+    """
+    keep = _check_mask(x, mask)
+    if float(count) < 2:
+        raise ValueError(f"whitening needs at least 2 valid elements, got {float(count):g}")
+    mu = total / count
+    var = ((total_sq - count * mu * mu) / (count - 1)).clamp(min=0.0)
+    return _whiten(torch.where(keep, x, torch.zeros_like(x)), keep, mu, var, shift_mean, eps)
+
+
+def _whiten(x, keep, mu, var, shift_mean: bool, eps: float) -> torch.Tensor:
     whitened = (x - mu) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mu

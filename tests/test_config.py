@@ -45,6 +45,12 @@ def test_int_is_accepted_for_float_fields(tmp_path):
     assert isinstance(cfg.ppo.kl_coef, float) and cfg.ppo.kl_coef == 1.0
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; float fields take it as the number meant
+    cfg = load_config(write(tmp_path, "ppo:\n  lr: 1e-5\n"), ["ppo.value_lr=3e-4"])
+    assert cfg.ppo.lr == 1e-5 and cfg.ppo.value_lr == 3e-4
+
+
 def test_round_trip_through_resolved_yaml(tmp_path):
     cfg = load_config(write(tmp_path, "method: bon\nproxy:\n  k: 3\n"), ["aggregate.name=uwo"])
     resolved = write(tmp_path, dump_yaml(cfg, {"git_sha": "abc"}), "resolved.yaml")

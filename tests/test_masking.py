@@ -8,6 +8,7 @@ from rlhf_overopt.masking import (
     masked_sum,
     masked_var,
     masked_whiten,
+    whiten_from_moments,
     response_mask_after_eos,
 )
 
@@ -106,3 +107,21 @@ def test_last_index():
     assert torch.equal(last_index(mask), torch.tensor([1, 3, -1, 2]))
     ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
     assert torch.equal(last_index(response_mask_after_eos(ids, EOS)), torch.tensor([1, 3]))
+
+
+def test_whiten_from_moments_equals_masked_whiten_and_splits_over_shards():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    m = mask.float()
+    whole = masked_whiten(x, mask)
+    moments = (m.sum(), (x * m).sum(), (x * x * m).sum())
+    assert torch.allclose(whiten_from_moments(x, mask, *moments), whole, atol=1e-5)
+    # two "ranks" holding rows 0-2 and 3-5: summed moments reproduce whole-batch whitening
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    summed = [sum(t) for t in zip(*[(mk.float().sum(), (xs * mk).sum(), (xs * xs * mk).sum()) for xs, mk in halves])]
+    parts = torch.cat([whiten_from_moments(xs, mk, *summed) for xs, mk in halves])
+    assert torch.allclose(parts, whole, atol=1e-5)
+    kept_mean = whiten_from_moments(x, mask, *moments, shift_mean=False)
+    assert torch.allclose(kept_mean, masked_whiten(x, mask, shift_mean=False), atol=1e-5)

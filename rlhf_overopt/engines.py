@@ -1,0 +1,115 @@
+"""DeepSpeed engines for trained models and frozen models (DESIGN.md §4).
+
+Trained models (policy, value) are `deepspeed.initialize` engines at the configured ZeRO stage;
+frozen models (reference policy) are partitioned too at stage 3. A run without the launcher is a
+one-process group of the same code, so `python launch/train.py` and `deepspeed launch/train.py`
+share every line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group; outside a launcher make a one-rank group on a free port."""
+    if tdist.is_initialized():
+        return
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def ds_config(*, zero_stage: int, micro_batch_per_rank: int, world_size: int, max_grad_norm: float,
+              extra_path: str = "", dtype: str = "float32") -> dict[str, Any]:
+    """The DeepSpeed JSON for one engine. Entries from `extra_path` sit under the computed ones."""
+    config: dict[str, Any] = {}
+    if extra_path:
+        with open(extra_path, encoding="utf-8") as fh:
+            config.update(json.load(fh))
+    config.update({
+        "train_micro_batch_size_per_gpu": micro_batch_per_rank,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_per_rank * world_size,
+        "gradient_clipping": max_grad_norm,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    zero = dict(config.get("zero_optimization", {}))
+    zero["stage"] = zero_stage
+    config["zero_optimization"] = zero
+    config["bf16"] = {"enabled": dtype == "bfloat16"}
+    config["fp16"] = {"enabled": dtype == "float16"}
+    return config
+
+
+def cosine_schedule(total_steps: int, final_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: cosine from 1 to `final_ratio` over `total_steps` (constant when final_ratio=1)."""
+
+    def factor(step: int) -> float:
+        progress = min(step / max(total_steps, 1), 1.0)
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_engine(model: nn.Module, *, lr: float, total_steps: int, final_ratio: float, config: dict[str, Any],
+                 weight_decay: float = 0.0):
+    """A DeepSpeed engine with AdamW and a cosine LR schedule stepped by `engine.step()`."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, final_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
+    return engine
+
+
+def frozen_model(model: nn.Module, *, zero_stage: int, config: dict[str, Any], device: torch.device) -> nn.Module:
+    """A model that is only evaluated: partitioned by a ZeRO-3 inference engine at stage 3."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    if zero_stage != 3:
+        return model.to(device)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, config={**config, "gradient_clipping": 0.0})
+    engine.eval()
+    return engine.module
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3, gather all parameters once for a whole generation (not once per token)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def local_parameter_count(module: nn.Module) -> int:
+    """Parameters this rank holds: the ZeRO-3 partition where partitioned, else the full tensors."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())

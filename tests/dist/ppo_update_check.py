@@ -1,0 +1,99 @@
+"""One PPO update on fixed rollouts; run under `python` (1 rank) or `deepspeed --num_gpus 2`.
+
+    python tests/dist/ppo_update_check.py OUT.pt STAGE
+    deepspeed --num_gpus 2 tests/dist/ppo_update_check.py OUT.pt STAGE
+
+Every rank builds the same tiny policy, value model and global rollout batch of 8 (same seeds),
+keeps its share of the rows, runs `ppo_update`, and rank 0 saves the full parameters and the
+parameter count each rank held, so the test can compare 2 ranks against 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedTokenizerFast  # noqa: E402
+
+from rlhf_overopt import dist  # noqa: E402
+from rlhf_overopt.advantages import gae  # noqa: E402
+from rlhf_overopt.config import load_config  # noqa: E402
+from rlhf_overopt.engines import ds_config, ensure_process_group, gathered, local_parameter_count, train_engine  # noqa: E402
+from rlhf_overopt.loops.ppo import PPOBatch, global_whiten, ppo_update, step_generator  # noqa: E402
+from rlhf_overopt.rollout import ValueModel, generate, response_values, sequence_logprobs  # noqa: E402
+
+BATCH = 8
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = "the film was good bad great awful plot acting score not very but boring fun".split()
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   padding_side="left")
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds --local_rank
+    out, stage = Path(args[0]), int(args[1])
+    info = dist.init("cpu")
+    ensure_process_group(info.device)
+    info = dist.init("cpu")
+    world, rank = info.world_size, info.rank
+    cfg = load_config(None, ["ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.lr=1e-3",
+                             "ppo.value_lr=1e-3", f"deepspeed.zero_stage={stage}"], check_paths=False)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    gpt_cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    policy = GPT2LMHeadModel(gpt_cfg)
+    backbone = GPT2Model(gpt_cfg)
+    backbone.load_state_dict(policy.transformer.state_dict())
+    value = ValueModel(backbone)
+
+    # the same global rollout batch on every rank, from the initial policy
+    prompts = ["the film was", "the plot", "acting was very", "not", "the score was", "fun but", "boring", "great"]
+    full = generate(policy, tokenizer, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        old_logprobs = sequence_logprobs(policy, full.query_ids, full.query_mask, full.response_ids,
+                                         full.response_mask)
+        old_values = response_values(value, full.query_ids, full.query_mask, full.response_ids, full.response_mask)
+        rewards = torch.zeros_like(old_logprobs)
+        score = torch.linspace(-1, 1, BATCH)
+        rewards[torch.arange(BATCH), full.response_mask.sum(-1) - 1] = score
+        advantages, returns = gae(rewards, old_values, full.response_mask, 1.0, 0.95)
+
+    per = BATCH // world
+    rows = torch.arange(rank * per, (rank + 1) * per)
+    mine = full.select(rows)
+    advantages_local = global_whiten(advantages[rows], mine.response_mask)
+    batch = PPOBatch(mine, old_logprobs[rows], old_values[rows], advantages_local, returns[rows])
+
+    engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=per, world_size=world, max_grad_norm=1.0)
+    policy_engine = train_engine(policy, lr=1e-3, total_steps=10, final_ratio=1.0, config=engine_cfg)
+    value_engine = train_engine(value, lr=1e-3, total_steps=10, final_ratio=1.0, config=engine_cfg)
+    counts = dist.all_gather_cat(torch.tensor([local_parameter_count(policy_engine.module)]))
+    stats = ppo_update(policy_engine, value_engine, batch, cfg=cfg, micro_batch=per,
+                       generator=step_generator(0, 0, 1), step=0)
+    with gathered(policy_engine.module, stage):
+        params = {k: v.detach().clone() for k, v in policy_engine.module.named_parameters()}
+    with gathered(value_engine.module, stage):
+        params.update({f"value.{k}": v.detach().clone() for k, v in value_engine.module.named_parameters()})
+    if info.is_main:
+        torch.save({"params": params, "local_params": counts.tolist(),
+                    "total_params": sum(p.numel() for n, p in params.items() if not n.startswith("value."))}, out)
+        print(json.dumps({"world": world, "stage": stage, "local_params": counts.tolist(), "stats": stats}))
+
+
+if __name__ == "__main__":
+    main()
