@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf_overopt.config import ConfigError, field_docs, load_config  # noqa: E402
+from rlhf_overopt.config import ConfigError, check_world_size, field_docs, load_config  # noqa: E402
 
 # method -> module in rlhf_overopt.loops exposing `run(ctx) -> dict | None`
 DRIVERS = {
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         module_name = DRIVERS[cfg.method]
         if importlib.util.find_spec(f"rlhf_overopt.loops.{module_name}") is None:
             raise ConfigError(f"method: {cfg.method!r} is not built yet")

@@ -73,10 +73,14 @@ class TestbedConfig:
     """Gold penalty for a response that never emits EOS (rarely seen in labelled pairs)."""
     gold_repetition_weight: float = 1.0
     """Gold weight of (1 - distinct-bigram ratio), a degeneracy penalty."""
-    gold_length_target: int = 24
-    """Response length in words the gold scorer prefers; longer or shorter responses lose gold."""
-    gold_length_weight: float = 0.5
-    """Gold weight of the distance from the preferred length (in units of the target)."""
+    gold_length_target: int = 12
+    """Centre of the response length band (words) that gold prefers; outside it responses lose gold."""
+    gold_length_tolerance: int = 12
+    """Half-width (words) of the penalty-free length band; the initial policy rarely leaves it."""
+    gold_length_weight: float = 1.0
+    """Gold lost per gold_length_target words outside the length band."""
+    gen_batch_size: int = 512
+    """Prompts per generation batch when sampling the preference dataset and eval statistics."""
 
 
 @dataclass(frozen=True)
@@ -566,6 +570,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         "testbed.n_eval_prompts": cfg.testbed.n_eval_prompts,
         "testbed.max_new_tokens": cfg.testbed.max_new_tokens,
         "testbed.gold_length_target": cfg.testbed.gold_length_target,
+        "testbed.gen_batch_size": cfg.testbed.gen_batch_size,
         "gold.batch_size": cfg.gold.batch_size,
         "proxy.k": cfg.proxy.k,
         "proxy.epochs": cfg.proxy.epochs,
@@ -627,6 +632,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         "testbed.gold_eos_penalty": cfg.testbed.gold_eos_penalty,
         "testbed.gold_repetition_weight": cfg.testbed.gold_repetition_weight,
         "testbed.gold_length_weight": cfg.testbed.gold_length_weight,
+        "testbed.gold_length_tolerance": cfg.testbed.gold_length_tolerance,
     }
     for key, value in non_negative.items():
         _require(value >= 0, key, f"must be >= 0, got {value}")
@@ -651,11 +657,19 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     tb = cfg.testbed
     _require(tb.n_embd % tb.n_head == 0, "testbed.n_embd", f"must be divisible by testbed.n_head ({tb.n_head})")
     _require(tb.vocab_size >= 300, "testbed.vocab_size", "must be >= 300 (256 bytes + special tokens + merges)")
+    # A prompt word is at most ~3 BPE tokens at the smallest allowed vocabulary: prompt plus
+    # response must fit the testbed policy's context.
     _require(
-        tb.prompt_words + 4 + tb.max_new_tokens <= tb.n_positions * 4,
+        3 * tb.prompt_words + tb.max_new_tokens <= tb.n_positions,
         "testbed.max_new_tokens",
-        "prompt plus response cannot fit the policy context (testbed.n_positions)",
+        f"3 * testbed.prompt_words + max_new_tokens must fit testbed.n_positions ({tb.n_positions})",
     )
+    if cfg.policy.path == "testbed":
+        for key, value in {"eval.max_new_tokens": cfg.eval.max_new_tokens,
+                           "ppo.max_new_tokens": cfg.ppo.max_new_tokens,
+                           "bon.max_new_tokens": cfg.bon.max_new_tokens}.items():
+            _require(3 * tb.prompt_words + value <= tb.n_positions, key,
+                     f"3 * testbed.prompt_words + {value} does not fit testbed.n_positions ({tb.n_positions})")
     _require(cfg.eval.n_prompts <= tb.n_eval_prompts or cfg.policy.path != "testbed", "eval.n_prompts",
              f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
 
@@ -692,6 +706,21 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         if cfg.testbed.cache_dir:
             parent = Path(cfg.testbed.cache_dir).expanduser().resolve().parent
             _require(parent.exists(), "testbed.cache_dir", f"parent folder does not exist: {parent}")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Batch sizes that are split over data-parallel ranks must divide evenly by the rank count."""
+    if world_size <= 1:
+        return
+    shared = {
+        "ppo.batch_size": cfg.ppo.batch_size if cfg.method == "ppo" else None,
+        "ppo.mini_batch_size": cfg.ppo.mini_batch_size if cfg.method == "ppo" else None,
+        "dpo.batch_size": cfg.dpo.batch_size if cfg.method in ("dpo", "madpo") else None,
+        "eval.n_prompts": cfg.eval.n_prompts if cfg.method in ("ppo", "dpo", "madpo", "bon") else None,
+    }
+    for key, value in shared.items():
+        if value is not None:
+            _require(value % world_size == 0, key, f"{value} cannot be split evenly over {world_size} ranks")
 
 
 def _check_aggregator(name: str, k: int, key: str, names: tuple[str, ...]) -> None:

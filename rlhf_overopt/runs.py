@@ -191,10 +191,12 @@ def check_run_dir(cfg: Config) -> str:
     summary = root / "summary.json"
     if summary.exists():
         try:
-            if json.loads(summary.read_text()).get("status") == "completed":
-                return "completed"
+            completed = json.loads(summary.read_text()).get("status") == "completed"
         except json.JSONDecodeError:
-            pass
+            completed = False
+        # a finished run asked for more PPO steps continues from its last checkpoint
+        if completed and now.get("ppo.steps") == before.get("ppo.steps"):
+            return "completed"
     return "resume"
 
 

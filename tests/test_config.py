@@ -162,3 +162,27 @@ def test_shipped_configs_load():
         if path.parent.name == "configs":
             assert (ROOT / "configs" / "tiny" / path.name).exists(), f"no tiny twin for {path.name}"
     assert yaml.safe_load((ROOT / "configs" / "ppo_ensemble.yaml").read_text())["method"] == "ppo"
+
+
+def test_batch_must_split_over_ranks(tmp_path):
+    from rlhf_overopt.config import check_world_size
+
+    cfg = load_config(write(tmp_path, "method: ppo\nppo:\n  batch_size: 6\n  mini_batch_size: 3\neval:\n  n_prompts: 12\n"))
+    check_world_size(cfg, 1)
+    check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match=r"^ppo.batch_size: 6 cannot be split evenly over 4 ranks"):
+        check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"^ppo.mini_batch_size"):
+        check_world_size(cfg, 2)
+
+
+def test_completed_run_extended_with_more_steps_resumes(tmp_path):
+    out = tmp_path / "run"
+    base = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}"])
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(base))
+    (out / "summary.json").write_text('{"status": "completed"}')
+    same = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true"])
+    longer = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true", "ppo.steps=400"])
+    assert check_run_dir(same) == "completed"
+    assert check_run_dir(longer) == "resume"
