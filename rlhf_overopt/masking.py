@@ -129,3 +129,14 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must be 2-D (B, T), got shape {tuple(mask.shape)}")
     positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=-1).values
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens: `cumsum(mask) - 1`, clamped at 0.
+
+    The first real token of every row gets position 0 however much left padding precedes it, so
+    a left-padded row is computed exactly like the same row without padding. Padding positions get
+    0 (on the left) or repeat the last real position (on the right); they are masked anyway.
+    attention_mask: (B, T) 0/1. Returns (B, T) int64.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

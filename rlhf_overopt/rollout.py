@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from rlhf_overopt.masking import has_eos, response_mask_after_eos
+from rlhf_overopt.masking import has_eos, position_ids_from_mask, response_mask_after_eos
 from rlhf_overopt.records import PromptBatch, Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -75,17 +75,6 @@ def tokenize_prompts(
         query_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         query_mask[i, width - len(ids) :] = 1
     return query_ids, query_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens: `cumsum(mask) - 1`, clamped at 0.
-
-    The first real token of every row gets position 0 however much left padding precedes it, so
-    a left-padded row is computed exactly like the same row without padding. Padding positions get
-    0 (on the left) or repeat the last real position (on the right); they are masked anyway.
-    attention_mask: (B, T) 0/1. Returns (B, T) int64.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def _nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
