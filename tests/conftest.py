@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny testbed, built once per test session.
+
+`tiny_testbed_config` reads the testbed section of configs/tiny/build_testbed.yaml (the one every
+tiny config carries), so command-line runs of the tiny configs given
+`testbed.cache_dir=<tiny_testbed.root.parent>` find this very testbed in the cache instead of
+building their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_overopt.config import TestbedConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TESTBED_YAML = ROOT / "configs" / "tiny" / "build_testbed.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_config(tmp_path_factory) -> TestbedConfig:
+    """A TestbedConfig whose whole build takes seconds, cached under a session tmp dir."""
+    cache = tmp_path_factory.mktemp("testbed_cache")
+    section = yaml.safe_load(TINY_TESTBED_YAML.read_text())["testbed"]
+    return TestbedConfig(**{**section, "cache_dir": str(cache)})
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed(tiny_testbed_config):
+    """The tiny testbed (rlhf_overopt.testbed.Testbed), built once per session."""
+    from rlhf_overopt.testbed.build import build_testbed
+
+    return build_testbed(tiny_testbed_config, progress=False)
