@@ -370,6 +370,8 @@ class Config:
     """Continue from the last checkpoint in output_dir."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device; auto picks cuda when available."""
+    num_threads: int = 0
+    """torch CPU threads per process; 0 means the machine's cores divided by the ranks on this node."""
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gold: GoldConfig = field(default_factory=GoldConfig)
@@ -603,6 +605,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for key, value in positive_ints.items():
         _require(value > 0, key, f"must be positive, got {value}")
     _require(cfg.eval.n_samples_logged >= 0, "eval.n_samples_logged", "must be >= 0")
+    _require(cfg.num_threads >= 0, "num_threads", "must be >= 0 (0 picks cores / local ranks)")
     _require(cfg.proxy.n_layer >= 0, "proxy.n_layer", "must be >= 0 (0 keeps all layers)")
 
     positive_floats = {
@@ -711,8 +714,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         if cfg.deepspeed.config:
             _require(Path(cfg.deepspeed.config).is_file(), "deepspeed.config", f"file not found: {cfg.deepspeed.config}")
         if cfg.testbed.cache_dir:
-            parent = Path(cfg.testbed.cache_dir).expanduser().resolve().parent
-            _require(parent.exists(), "testbed.cache_dir", f"parent folder does not exist: {parent}")
+            cache = Path(cfg.testbed.cache_dir).expanduser()
+            _require(not cache.exists() or cache.is_dir(), "testbed.cache_dir", f"{cache} is not a directory")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

@@ -120,7 +120,7 @@ def ppo_update(policy_engine, value_engine, batch: PPOBatch, *, cfg: Config, mic
                 "value_error": masked_mean((values.detach() - batch.returns[idx]) ** 2, mask),
                 **pg_stats, **vf_stats,
             }.items():
-                stats.setdefault(key, []).append(float(value))
+                stats.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else float(value))
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -323,6 +323,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
             evaluate(done)
         if done % p.save_every == 0 or done == p.steps:
             ckpt.save(done, policy_engine, value_engine, kl_ctl, info.is_main)
+    # the trained policy, loadable by any transformers user (safetensors)
+    with gathered(policy, stage):
+        if info.is_main:
+            policy.save_pretrained(ctx.run.root / "policy", safe_serialization=True)
+            tokenizer.save_pretrained(ctx.run.root / "policy")
+    dist.barrier()
     tracker.finish()
     return {"train_time_s": round(time.time() - t_start, 2), "final_kl_coef": kl_ctl.value, **param_counts}
 

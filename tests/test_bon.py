@@ -1,0 +1,81 @@
+"""Best-of-n: curve rows from a scored pool, and the method through its real command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_overopt.config import load_config
+from rlhf_overopt.loops.bon import aggregator_names, bon_curve_rows, n_grid
+from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_n_grid_and_aggregator_expansion():
+    cfg = load_config(None, ["bon.pool_size=20"], check_paths=False)
+    assert n_grid(cfg) == [1, 2, 4, 8, 16, 20]
+    cfg = load_config(None, ["bon.pool_size=20", "bon.n_grid=[5,1,5]"], check_paths=False)
+    assert n_grid(cfg) == [1, 5]
+    cfg = load_config(None, ["proxy.k=2", "bon.aggregators=[members, wco, member_1]"], check_paths=False)
+    assert aggregator_names(cfg, 2) == ["member_0", "member_1", "wco"]
+
+
+def test_rows_follow_the_aggregated_objective_not_a_member():
+    # one prompt, pool of 3. Member 0 prefers sample 0, member 1 prefers sample 2; the mean prefers
+    # sample 1 (scores 0.5+0.5). Gold is [10, 20, 30]: best-of-3 gold must follow each objective.
+    members = torch.tensor([[[3.0, 0.5, -2.0]], [[-2.0, 0.5, 3.0]]])  # (K=2, P=1, N=3)
+    gold = torch.tensor([[10.0, 20.0, 30.0]])
+    cfg = load_config(None, ["proxy.k=2", "bon.pool_size=3"], check_paths=False)
+    rows = bon_curve_rows(members, gold, ["member_0", "member_1", "mean", "wco"], [1, 3], cfg)
+    at = {(r["aggregator"], r["n"]): r for r in rows}
+    assert at[("member_0", 3)]["gold_score"] == pytest.approx(10.0)
+    assert at[("member_1", 3)]["gold_score"] == pytest.approx(30.0)
+    # mean = [0.5, 0.5, 0.5]: a three-way tie, broken by the lower index -> sample 0
+    # wco = min = [-2, 0.5, -2] -> sample 1
+    assert at[("wco", 3)]["gold_score"] == pytest.approx(20.0)
+    assert at[("wco", 3)]["proxy_member_scores"] == pytest.approx([0.5, 0.5])
+    for agg in ("member_0", "member_1", "mean", "wco"):
+        assert at[(agg, 1)]["gold_score"] == pytest.approx(20.0)  # n = 1 is the pool mean
+        assert at[(agg, 1)]["kl"] == 0.0
+    assert at[("mean", 3)]["kl"] == pytest.approx(math.log(3) - 2 / 3)
+    assert all(k in rows[0] for k in CURVE_REQUIRED_KEYS)
+
+
+@pytest.mark.slow
+def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/bon_ensemble.yaml"),
+           f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = read_jsonl(out / "curves.jsonl")
+    aggs = {r["aggregator"] for r in rows}
+    assert aggs == {"member_0", "member_1", "member_2", "mean", "wco", "uwo", "median", "mean_minus_std"}
+    assert sorted({r["n"] for r in rows}) == [1, 2, 4, 8, 16]
+    for agg in aggs:
+        curve = sorted((r for r in rows if r["aggregator"] == agg), key=lambda r: r["n"])
+        # the optimized objective can only rise with n (expected max of more draws)
+        assert all(b["proxy_score"] >= a["proxy_score"] - 1e-6 for a, b in zip(curve, curve[1:]))
+    n1 = {r["gold_score"] for r in rows if r["n"] == 1}
+    assert max(n1) - min(n1) < 1e-6  # n = 1 is the pool's mean gold whatever the aggregator
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    from datasets import load_from_disk
+
+    pool = load_from_disk(str(out / "pool"))
+    assert len(pool) == 8 * 16 and len(pool[0]["proxy_scores"]) == 3
+    assert (out / "report" / "table.md").exists()
+    # running it again is a no-op that says so; without resume=true it refuses to overwrite
+    again = subprocess.run(cmd + ["resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "already completed" in again.stdout
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
