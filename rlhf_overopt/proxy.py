@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rlhf_overopt.config import ProxyConfig
 from rlhf_overopt.losses import bradley_terry_loss
@@ -62,6 +61,7 @@ from rlhf_overopt.models import (
     set_dropout_zero,
     tokenize_for_reward,
 )
+from rlhf_overopt.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _fit_bradley_terry(
     boot_gen = torch.Generator().manual_seed(seed + 1)
     n = len(pairs)
     steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    progress_bar = bar(total=steps, desc=desc, disable=not progress, leave=False)
     stats: dict[str, float] = {}
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=order_gen).tolist()
@@ -254,10 +254,10 @@ def _fit_bradley_terry(
             loss_sum += step_loss
             acc_sum += acc
             n_steps += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}", acc=f"{acc:.2f}")
+            progress_bar.update(1)
+            progress_bar.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}", acc=f"{acc:.2f}")
         stats = {"train_loss": loss_sum / max(n_steps, 1), "train_accuracy": acc_sum / max(n_steps, 1)}
-    bar.close()
+    progress_bar.close()
     return stats
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_overopt.config import TestbedConfig
+from rlhf_overopt.progress import bar
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.gold import TestbedGold, response_length
 
@@ -160,7 +160,7 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out_ids: list[list[int]] = []
     show = progress and sys.stderr.isatty()
     starts = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(starts, desc=desc, disable=not show, leave=False)):
+    for b, start in enumerate(bar(starts, desc=desc, disable=not show, leave=False)):
         batch = list(prompts[start : start + batch_size])
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -22,11 +22,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlhf_overopt.config import TestbedConfig
+from rlhf_overopt.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +220,9 @@ def _train(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: Testbe
     perm = torch.randperm(train_ids.shape[0], generator=row_gen)
     cursor = 0
     show = progress and sys.stderr.isatty()
-    bar = tqdm(range(cfg.sft_steps), desc="SFT", disable=not show, leave=False)
+    steps_bar = bar(range(cfg.sft_steps), desc="SFT", disable=not show, leave=False)
     smoothed = float("nan")
-    for _ in bar:
+    for _ in steps_bar:
         if cursor + cfg.sft_batch_size > perm.numel():
             perm, cursor = torch.randperm(train_ids.shape[0], generator=row_gen), 0
         rows = perm[cursor : cursor + cfg.sft_batch_size]
@@ -235,7 +235,7 @@ def _train(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: Testbe
         scheduler.step()
         value = loss.detach().item()
         smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
-        bar.set_postfix(loss=f"{smoothed:.3f}")
+        steps_bar.set_postfix(loss=f"{smoothed:.3f}")
 
     # 4. evaluate against the unigram baseline and save.
     model.eval()
