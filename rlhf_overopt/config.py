@@ -220,11 +220,11 @@ class BonConfig:
 class PPOConfig:
     """Language-model PPO (Ziegler et al. 2019; Huang et al. 2024 'N implementation details')."""
 
-    steps: int = 200
+    steps: int = 100
     """PPO iterations (each: one rollout batch, then ppo_epochs over it)."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Rollouts per iteration, over all ranks."""
-    mini_batch_size: int = 16
+    mini_batch_size: int = 8
     """Rollouts per optimizer step, over all ranks."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
@@ -355,10 +355,92 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class ComponentsConfig:
+    """Component rewards (Moskovitz et al. 2023): one proxy ensemble per aspect of gold, each trained
+    with the proxy.* settings on preferences labelled by its own group of gold terms."""
+
+    names: list[str] = field(default_factory=lambda: ["sentiment", "fluency"])
+    """Component names, in order: the order of constraints, thresholds, weights and logged lists."""
+    terms: list[str] = field(default_factory=lambda: ["sentiment", "repetition+eos+length"])
+    """Per component, the '+'-joined testbed gold terms (sentiment, repetition, eos, length) whose sum labels its pairs."""
+    label_noise: float = 0.25
+    """Fraction of each component's preference labels flipped at random."""
+    pairs_per_prompt: int = 1
+    """Response pairs per train prompt: 1 relabels the testbed's pairs; more samples extra pairs from the initial policy."""
+    path: str = ""
+    """Folder of trained components (a saved ensemble per name) to load; empty means train (or reuse from cache)."""
+
+
+@dataclass(frozen=True)
+class ConstrainedConfig:
+    """Constrained RLHF with Lagrange multipliers: mu-PPO and xi-PPO (Moskovitz et al. 2023, §4)."""
+
+    constraint: Literal["inequality", "equality"] = "inequality"
+    """inequality: mu-PPO, v_i >= theta_i, sigmoid weights; equality: xi-PPO, v_i = theta_i, tanh weights."""
+    objective: str = "kl"
+    """Maximized subject to the constraints: 'kl' (minus the KL to the initial policy) or a component name (then unconstrained, with the ppo.kl_coef penalty)."""
+    thresholds: list[float] = field(default_factory=list)
+    """theta per constrained component (standardized proxy units); empty means read thresholds_file."""
+    thresholds_file: str = ""
+    """thresholds.json written by method proxy_points (or its run directory), used when thresholds is empty."""
+    multiplier_init: float = 0.0
+    """Initial raw multiplier mu of every constraint (sigmoid(0) = 0.5, tanh(0) = 0)."""
+    multiplier_lr: float = 0.05
+    """SGD learning rate of the multipliers (paper: 0.01 to 0.1)."""
+    multiplier_momentum: float = 0.1
+    """SGD momentum of the multipliers (paper: 0.1)."""
+    multiplier_grad_clip: float = 0.5
+    """Gradient-norm clip of each multiplier step (paper: 0.5)."""
+
+
+@dataclass(frozen=True)
+class NelderMeadConfig:
+    """NM-PPO: Nelder-Mead (scipy) over the thresholds within one run (Moskovitz et al. 2023, §4.3)."""
+
+    stretch_steps: int = 10
+    """PPO iterations per function evaluation; each ends with a gold evaluation whose negative is minimized."""
+    initial_step: float = 0.3
+    """Edge of the initial simplex around constrained.thresholds, in standardized proxy units."""
+    xatol: float = 0.01
+    """Stop when the simplex is this small in thresholds (paper: tol 0.01)."""
+    fatol: float = 0.01
+    """Stop when the simplex's gold values differ by less than this (paper: tol 0.01)."""
+
+
+@dataclass(frozen=True)
+class DynamicWeightingConfig:
+    """Weights of the component rewards: fixed, or adapted during RL (Lu et al. 2025)."""
+
+    mode: Literal["fixed", "hypervolume", "gradient"] = "fixed"
+    """fixed; hypervolume: reward scaled by 0.5 + 1.5 tanh(HV gain) at each eval; gradient: w_j *= exp(eta I_j / mu)."""
+    weights: list[float] = field(default_factory=list)
+    """Initial (for fixed: constant) weight per component, summing to 1; empty means uniform."""
+    hv_reference_offset: float = 1.0
+    """Hypervolume reference point: the step-0 eval component scores minus this, in every objective."""
+    gradient_eta: float = 0.0
+    """eta of the gradient-based update; 0 means ppo.lr (the paper uses the actor learning rate)."""
+    gradient_mu: float = 1e-4
+    """Temperature mu of the gradient-based update (paper: 1e-4 to 1e-5)."""
+    gradient_every: int = 1
+    """Update the weights every this many PPO iterations."""
+
+
+@dataclass(frozen=True)
+class ProxyPointsConfig:
+    """Proxy points: where gold peaks against each component's value (Moskovitz et al. 2023, §3)."""
+
+    runs: list[str] = field(default_factory=list)
+    """Run directories, one per component in components.names order, to read; empty means train one run per component (ppo.* settings, weight 1 on it)."""
+    min_points: int = 3
+    """Fewest evaluation points a component's run needs for the quadratic fit."""
+
+
+@dataclass(frozen=True)
 class Config:
     """One experiment."""
 
-    method: Literal["build_testbed", "train_rm", "bon", "ppo", "dpo", "madpo"] = "ppo"
+    method: Literal["build_testbed", "train_rm", "bon", "ppo", "dpo", "madpo", "constrained_ppo", "nm_ppo",
+                    "dynamic_ppo", "proxy_points"] = "ppo"
     """What to run."""
     name: str = ""
     """Run name; empty means the config file's stem."""
@@ -370,8 +452,8 @@ class Config:
     """Continue from the last checkpoint in output_dir."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device; auto picks cuda when available."""
-    num_threads: int = 0
-    """torch CPU threads per process; 0 means the machine's cores divided by the ranks on this node."""
+    num_threads: int = 1
+    """torch CPU threads per process (1 suits the testbed's tiny models and shared machines; 0 = cores / local ranks)."""
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gold: GoldConfig = field(default_factory=GoldConfig)
@@ -384,6 +466,11 @@ class Config:
     madpo: MADPOConfig = field(default_factory=MADPOConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    constrained: ConstrainedConfig = field(default_factory=ConstrainedConfig)
+    nm: NelderMeadConfig = field(default_factory=NelderMeadConfig)
+    weighting: DynamicWeightingConfig = field(default_factory=DynamicWeightingConfig)
+    proxy_points: ProxyPointsConfig = field(default_factory=ProxyPointsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -672,14 +759,17 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         f"3 * testbed.prompt_words + max_new_tokens must fit testbed.n_positions ({tb.n_positions})",
     )
     # The same fit for the response caps of the method that samples from the testbed policy.
-    caps = {"eval.max_new_tokens": cfg.eval.max_new_tokens} if cfg.method in ("bon", "ppo", "dpo", "madpo") else {}
+    caps = ({"eval.max_new_tokens": cfg.eval.max_new_tokens}
+            if cfg.method in ("bon", "ppo", "dpo", "madpo", *COMPOSITE_METHODS) else {})
     if cfg.method in ("ppo", "bon"):
         caps[f"{cfg.method}.max_new_tokens"] = getattr(cfg, cfg.method).max_new_tokens
+    if cfg.method in COMPOSITE_METHODS:
+        caps["ppo.max_new_tokens"] = cfg.ppo.max_new_tokens
     if cfg.policy.path == "testbed":
         for key, value in caps.items():
             _require(3 * tb.prompt_words + value <= tb.n_positions, key,
                      f"3 * testbed.prompt_words + {value} does not fit testbed.n_positions ({tb.n_positions})")
-    evaluates = cfg.method in ("bon", "ppo", "dpo", "madpo")
+    evaluates = cfg.method in ("bon", "ppo", "dpo", "madpo", *COMPOSITE_METHODS)
     _require(not evaluates or cfg.eval.n_prompts <= tb.n_eval_prompts, "eval.n_prompts",
              f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
 
@@ -699,6 +789,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                  f"n={n} must be between 1 and bon.pool_size ({cfg.bon.pool_size})")
     if cfg.proxy.kind == "lora":
         _require(cfg.proxy.k >= 1, "proxy.k", "a LoRA ensemble needs at least one adapter")
+    if cfg.method in COMPOSITE_METHODS:
+        _validate_composite(cfg, check_paths)
 
     if check_paths:
         if cfg.policy.path != "testbed":
@@ -718,15 +810,85 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             _require(not cache.exists() or cache.is_dir(), "testbed.cache_dir", f"{cache} is not a directory")
 
 
+COMPOSITE_METHODS = ("constrained_ppo", "nm_ppo", "dynamic_ppo", "proxy_points")
+"""Methods that train PPO on a composite of component rewards (rlhf_overopt/loops/constrained_ppo.py)."""
+GOLD_TERMS = ("sentiment", "repetition", "eos", "length")
+"""The testbed gold's terms that component rewards are labelled by (rlhf_overopt/testbed/gold.py)."""
+
+
+def _validate_composite(cfg: Config, check_paths: bool) -> None:
+    """Combinations of the components / constrained / nm / weighting / proxy_points sections."""
+    comp, con, nm, w = cfg.components, cfg.constrained, cfg.nm, cfg.weighting
+    n = len(comp.names)
+    _require(n >= 1, "components.names", "needs at least one component")
+    _require(len(set(comp.names)) == n and all(x and x.isidentifier() for x in comp.names), "components.names",
+             f"must be distinct identifiers, got {comp.names}")
+    _require(len(comp.terms) == n, "components.terms", f"needs one entry per component ({n}), got {len(comp.terms)}")
+    for i, group in enumerate(comp.terms):
+        parts = group.split("+")
+        _require(all(t in GOLD_TERMS for t in parts) and len(set(parts)) == len(parts), f"components.terms[{i}]",
+                 f"{group!r} must be '+'-joined distinct gold terms from {', '.join(GOLD_TERMS)}")
+    _require(bool(comp.path) or cfg.gold.path == "testbed", "components.path",
+             "components are labelled by the testbed gold's terms; with another gold, give trained components")
+    _require(0 <= comp.label_noise < 0.5, "components.label_noise", f"must be in [0, 0.5), got {comp.label_noise}")
+    _require(comp.pairs_per_prompt >= 1, "components.pairs_per_prompt", "must be >= 1")
+    _require(cfg.ppo.no_eos_penalty == 0, "ppo.no_eos_penalty", "is not used by composite methods; leave it 0")
+    _require(not cfg.ppo.whiten_rewards, "ppo.whiten_rewards", "is not used by composite methods; leave it false")
+
+    constrained = cfg.method in ("constrained_ppo", "nm_ppo")
+    n_constraints = n - (con.objective != "kl")
+    _require(con.objective == "kl" or con.objective in comp.names, "constrained.objective",
+             f"must be 'kl' or a component name ({', '.join(comp.names)}), got {con.objective!r}")
+    if constrained:
+        _require(n_constraints >= 1, "constrained.objective", "leaves no component to constrain")
+        _require(bool(con.thresholds) or bool(con.thresholds_file), "constrained.thresholds",
+                 "give a threshold per constrained component, or constrained.thresholds_file")
+        _require(not con.thresholds or len(con.thresholds) == n_constraints, "constrained.thresholds",
+                 f"needs {n_constraints} value(s) (one per constrained component), got {len(con.thresholds)}")
+        if cfg.method == "nm_ppo":
+            _require(bool(con.thresholds), "constrained.thresholds", "nm_ppo starts its simplex from these; give them")
+        if check_paths and con.thresholds_file and not con.thresholds:
+            _require(Path(con.thresholds_file).expanduser().exists(), "constrained.thresholds_file",
+                     f"no such file or run directory: {con.thresholds_file}")
+    for key, value in {"constrained.multiplier_lr": con.multiplier_lr,
+                       "constrained.multiplier_grad_clip": con.multiplier_grad_clip,
+                       "nm.initial_step": nm.initial_step, "nm.xatol": nm.xatol, "nm.fatol": nm.fatol,
+                       "weighting.gradient_mu": w.gradient_mu,
+                       "weighting.hv_reference_offset": w.hv_reference_offset}.items():
+        _require(value > 0, key, f"must be positive, got {value}")
+    _require(0 <= con.multiplier_momentum < 1, "constrained.multiplier_momentum", "must be in [0, 1)")
+    _require(w.gradient_eta >= 0, "weighting.gradient_eta", "must be >= 0 (0 means ppo.lr)")
+    _require(w.gradient_every >= 1, "weighting.gradient_every", "must be >= 1")
+    if cfg.method == "nm_ppo":
+        _require(nm.stretch_steps >= 1 and cfg.ppo.steps % nm.stretch_steps == 0, "nm.stretch_steps",
+                 f"must divide ppo.steps ({cfg.ppo.steps}), got {nm.stretch_steps}")
+    if w.weights:
+        _require(len(w.weights) == n and all(x >= 0 for x in w.weights) and sum(w.weights) > 0, "weighting.weights",
+                 f"needs {n} non-negative weights with a positive sum, got {w.weights}")
+        _require(w.mode == "fixed" or all(x > 0 for x in w.weights), "weighting.weights",
+                 "adaptive weighting needs every weight > 0 (a zero weight can never grow)")
+    if cfg.method == "dynamic_ppo" and w.mode == "gradient":
+        _require(cfg.deepspeed.zero_stage < 3, "weighting.mode",
+                 "gradient weighting reads full per-objective gradients; use deepspeed.zero_stage <= 2")
+    pp = cfg.proxy_points
+    _require(not pp.runs or len(pp.runs) == n, "proxy_points.runs", f"needs one run directory per component ({n})")
+    _require(pp.min_points >= 3, "proxy_points.min_points", "a quadratic fit needs at least 3 points")
+    if check_paths:
+        for i, run in enumerate(pp.runs):
+            _require(Path(run).expanduser().is_dir(), f"proxy_points.runs[{i}]", f"no such run directory: {run}")
+        if comp.path:
+            _require(Path(comp.path).expanduser().is_dir(), "components.path", f"no such directory: {comp.path}")
+
+
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Batch sizes that are split over data-parallel ranks must divide evenly by the rank count."""
     if world_size <= 1:
         return
     shared = {
-        "ppo.batch_size": cfg.ppo.batch_size if cfg.method == "ppo" else None,
-        "ppo.mini_batch_size": cfg.ppo.mini_batch_size if cfg.method == "ppo" else None,
+        "ppo.batch_size": cfg.ppo.batch_size if cfg.method in ("ppo", *COMPOSITE_METHODS) else None,
+        "ppo.mini_batch_size": cfg.ppo.mini_batch_size if cfg.method in ("ppo", *COMPOSITE_METHODS) else None,
         "dpo.batch_size": cfg.dpo.batch_size if cfg.method in ("dpo", "madpo") else None,
-        "eval.n_prompts": cfg.eval.n_prompts if cfg.method in ("ppo", "dpo", "madpo", "bon") else None,
+        "eval.n_prompts": cfg.eval.n_prompts if cfg.method in ("ppo", "dpo", "madpo", "bon", *COMPOSITE_METHODS) else None,
     }
     for key, value in shared.items():
         if value is not None:

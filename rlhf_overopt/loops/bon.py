@@ -165,7 +165,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         for row in rows:
             tracker.log_eval(row)
         tracker.finish()
-        _report(ctx)
     ended_rate = float(torch.tensor(pool["ended"], dtype=torch.float32).mean())
     log.info("best-of-n: %d prompts x %d samples, %d curves; %s", n_prompts, b.pool_size,
              len(aggregator_names(cfg, k)), {k_: round(v, 1) for k_, v in timings.items()})
@@ -186,13 +185,3 @@ def _samples(pool, n: int, pool_size: int) -> list[dict[str, Any]]:
                          "ended": r["ended"], "gold_score": r["gold_score"], "proxy_member_scores": r["proxy_scores"]})
     return rows
 
-
-def _report(ctx: RunContext) -> None:
-    """Plots and a fitted table in <run>/report (analysis reads the run directory like any user)."""
-    from analysis.load import load_runs
-    from analysis.report import write_report
-
-    try:
-        write_report(load_runs([ctx.run.root]), ctx.run.root / "report", form="bon")
-    except Exception as exc:  # a plotting problem must not fail a finished experiment
-        log.warning("report not written: %s", exc)

@@ -99,6 +99,7 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
                 "curves": summarize_curves(run.curves()),
                 **summary,
             })
+            write_report(run)
             log.info("done in %.1f s; results in %s", time.time() - ctx.started, run.root)
         return 0
     except InputError as exc:
@@ -111,6 +112,20 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
     except Exception as exc:
         _record_failure(ctx, exc)
         raise
+
+
+def write_report(run: RunDir) -> None:
+    """Gold/proxy-vs-sqrt(KL) plots and the fitted table in <run>/report, drawn by analysis/ from
+    the run directory like any reader (Gao's BoN form for best-of-n, the RL form otherwise)."""
+    if not run.curves_path.exists():
+        return
+    from analysis.load import load_runs
+    from analysis.report import write_report as draw
+
+    try:
+        draw(load_runs([run.root]), run.root / "report", form="auto")
+    except Exception as exc:  # a plotting problem must not fail a finished experiment
+        log.warning("report not written: %s", exc)
 
 
 def _record_failure(ctx: RunContext, exc: BaseException) -> None:
