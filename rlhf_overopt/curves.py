@@ -16,12 +16,9 @@ from rlhf_overopt import dist
 from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import AggregateConfig, EvalConfig
 from rlhf_overopt.engines import gathered
+from rlhf_overopt.errors import NonFiniteError
 from rlhf_overopt.kl import sequence_kl
 from rlhf_overopt.rollout import generate, sequence_logprobs
-
-
-class NonFiniteError(RuntimeError):
-    """A reward, loss or gradient that is NaN or inf, named by its source and step."""
 
 
 def check_finite(t: torch.Tensor, what: str, step: int) -> None:

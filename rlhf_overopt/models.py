@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from rlhf_overopt.errors import InputError
 from rlhf_overopt.masking import position_ids_from_mask
 
 logger = logging.getLogger(__name__)
@@ -141,18 +142,26 @@ def load_causal_lm(
 
 
 def check_tokenizer(tokenizer) -> None:
-    """Raise ValueError unless the tokenizer has an EOS and a pad token distinct from it."""
+    """Raise InputError (a ValueError) unless the tokenizer has an EOS and a pad token distinct from it."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; responses could never be marked as ended")
+        raise InputError("the tokenizer has no eos_token; responses could never be marked as ended")
     if pad is None or pad == eos:
         # A pad equal to EOS makes "last real token" and "did the response end" ambiguous for
         # anything that looks at token ids (REFERENCE.md, PPO details).
-        raise ValueError(
+        raise InputError(
             f"the tokenizer needs a pad token distinct from EOS (pad_token_id={pad}, "
             f"eos_token_id={eos}); add one, e.g. tokenizer.add_special_tokens("
             "{'pad_token': '<|pad|>'}), and resize the model's embeddings"
         )
+
+
+def check_vocabulary(tokenizer, model: nn.Module, what: str = "policy.path") -> None:
+    """Every token id the tokenizer can produce must have an embedding row in the model."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows (mismatched vocabulary)")
 
 
 def load_tokenizer(path: PathLike, trust_remote_code: bool = False):

@@ -95,3 +95,56 @@ def test_two_rank_zero3_cli(tiny_testbed, tmp_path):
     assert summary["status"] == "completed"
     total, local = summary["policy_total_params"], summary["policy_local_params"]
     assert abs(local - total / 2) <= 0.05 * total
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_curves(ppo_run, tiny_testbed, tmp_path):
+    out = tmp_path / "again"
+    train(f"output_dir={out}", cache=tiny_testbed.root.parent)
+    assert _without_timing(read_jsonl(out / "curves.jsonl")) == _without_timing(read_jsonl(ppo_run / "curves.jsonl"))
+
+
+SUMMARY_TIMING = ("wall_time_s", "train_time_s")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume(ppo_run, tiny_testbed, tmp_path):
+    """Kill the run (whole process group, SIGKILL) at seeded random moments and resume each
+    time; the final files must equal those of the uninterrupted run."""
+    import random
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(TINY),
+           f"testbed.cache_dir={tiny_testbed.root.parent}", f"output_dir={out}"]
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(12):
+        args = cmd + (["resume=true"] if out.exists() else [])
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        if kills < 3:
+            try:
+                proc.wait(timeout=rng.uniform(4.0, 25.0))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        if summary["status"] == "completed":
+            break
+    assert kills >= 1, "the run finished before any kill; lengthen it"
+    assert _without_timing(read_jsonl(out / "curves.jsonl")) == _without_timing(read_jsonl(ppo_run / "curves.jsonl"))
+    done, reference = (json.loads((d / "summary.json").read_text()) for d in (out, ppo_run))
+    for s in (done, reference):
+        for key in SUMMARY_TIMING:
+            s.pop(key, None)
+    assert done == reference

@@ -25,7 +25,7 @@ from rlhf_overopt.config import Config
 from rlhf_overopt.curves import check_finite
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.loops.common import RunContext
-from rlhf_overopt.models import load_causal_lm, load_tokenizer
+from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
 from rlhf_overopt.rollout import generate
 from rlhf_overopt.tracking import Tracker
 
@@ -108,6 +108,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         policy_path = str(ctx.testbed.policy_dir) if cfg.policy.path == "testbed" else cfg.policy.path
         tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
         policy = load_causal_lm(policy_path, trust_remote_code=cfg.policy.trust_remote_code).to(info.device)
+        check_vocabulary(tokenizer, policy)
         # 2. pool: N samples per prompt, prompt-major
         t = time.time()
         queries = [prompts[i] for i in share for _ in range(b.pool_size)]

@@ -20,13 +20,10 @@ import torch
 
 from rlhf_overopt import dist
 from rlhf_overopt.config import Config
+from rlhf_overopt.errors import InputError, NonFiniteError
 from rlhf_overopt.runs import RunDir, summarize_curves
 
 log = logging.getLogger("rlhf_overopt")
-
-
-class InputError(ValueError):
-    """Bad input found once work has started (a data row, a model, a reward): exit status 2."""
 
 
 @dataclass
@@ -105,6 +102,11 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
     except InputError as exc:
         _record_failure(ctx, exc)
         log.error("input error: %s", exc)
+        return 2
+    except NonFiniteError as exc:
+        # stopped at the step it appeared; the last checkpoint is intact for resume=true
+        _record_failure(ctx, exc)
+        log.error("non-finite error: %s", exc)
         return 2
     except KeyboardInterrupt as exc:
         _record_failure(ctx, exc)

@@ -38,7 +38,7 @@ from rlhf_overopt.kl import AdaptiveKLController, FixedKLController, kl_penalty_
 from rlhf_overopt.loops.common import InputError, RunContext
 from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_overopt.masking import last_index, masked_mean, whiten_from_moments
-from rlhf_overopt.models import load_causal_lm, load_tokenizer
+from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
 from rlhf_overopt.records import Rollout
 from rlhf_overopt.rollout import ValueModel, generate, response_values, sequence_logprobs
 from rlhf_overopt.runs import atomic_write_json, read_jsonl, write_jsonl
@@ -207,7 +207,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=micro_batch, world_size=world,
                            max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)
     torch.manual_seed(cfg.seed)  # the value head's initialization is the same on every rank
-    policy_engine = train_engine(load_policy(), lr=p.lr, total_steps=p.steps * updates_per_iteration,
+    policy_model = load_policy()
+    check_vocabulary(tokenizer, policy_model)
+    policy_engine = train_engine(policy_model, lr=p.lr, total_steps=p.steps * updates_per_iteration,
                                  final_ratio=p.lr_final_ratio, config=engine_cfg)
     value_engine = train_engine(ValueModel.from_pretrained_backbone(value_path), lr=p.value_lr,
                                 total_steps=p.steps * updates_per_iteration, final_ratio=p.lr_final_ratio,
@@ -231,6 +233,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         if info.is_main:
             _truncate_logs(ctx.run, start)
         log.info("resumed at step %d", start)
+    elif ctx.state == "resume" and info.is_main:
+        # interrupted before its first checkpoint: it starts over, so drop what it had logged
+        _truncate_logs(ctx.run, -1)
     tracker = Tracker(cfg, enabled=info.is_main)
     gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
 

@@ -1,0 +1,11 @@
+"""Errors that end a run with exit status 2 and one line naming the problem (not a traceback)."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input found once work has started: a data row, a model or tokenizer, a dataset path."""
+
+
+class NonFiniteError(RuntimeError):
+    """A reward, loss or gradient that is NaN or inf, named by its source and step."""
