@@ -6,14 +6,14 @@ same aggregator has the same colour in every figure of a report.
 
 - :func:`plot_method_curves`: one method; gold (left, solid) and proxy (right, dashed) against
   d, one colour per aggregator, optional fitted Gao et al. (2022) forms dotted.
-- :func:`plot_frontier`: one method's sweep; every run's gold points and curve, each run's
-  peak, and per aggregator the frontier of best gold within a KL budget.
+- :func:`plot_frontier`: one method's sweep; gold and proxy of every run against d, each run's
+  gold peak, per aggregator the frontier of best gold within a KL budget and a pooled fit.
 - :func:`plot_member_spread`: one curve; each ensemble member's proxy score against d.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +155,35 @@ def plot_method_curves(
     return _save(fig, path)
 
 
-def plot_frontier(curves: Sequence[Curve], path: str | Path, *, title: str | None = None) -> Path:
-    """Gold against sqrt(KL) for every run of a sweep of one method, coloured by aggregator.
+def plot_frontier(
+    curves: Sequence[Curve],
+    path: str | Path,
+    *,
+    fits: Mapping[str | None, FittedForm] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Gold (left) and proxy (right) against sqrt(KL) for every run of one method, by aggregator.
 
-    Each run (aggregator x kl_coef/beta x seed) is drawn as a thin line with its points; its
-    gold peak is marked with a star. Per aggregator, a thick step line joins the frontier
-    points: the best gold any run of that aggregator reached at or below each KL
-    (see :func:`analysis.fit.kl_gold_frontier`).
+    Left panel: each run (aggregator x kl_coef/beta x seed) is a thin line with its points and
+    a star at its gold peak; per aggregator a thick step line joins the frontier points, the
+    best gold any run of that aggregator reached at or below each KL
+    (see :func:`analysis.fit.kl_gold_frontier`); optional fitted forms per aggregator (e.g. a
+    fit pooled over the aggregator's runs) are drawn dotted. Right panel: each run's aggregated
+    proxy objective, dashed, in the same colours, so that a proxy that keeps rising where gold
+    turns down is seen at the same d.
+
+    Args:
+        curves: the curves of one method.
+        path: PNG file to write; parent folders are created.
+        fits: aggregator -> (form, alpha, beta) drawn on the gold panel.
+        title: figure title; defaults to the method names.
 
     Returns:
         The path written.
     """
     colors = aggregator_colors(curves)
     markers = _marker_per_curve(curves)
-    fig, (ax,) = _new_figure(1, 8.0)
+    fig, (ax, ax_proxy) = _new_figure(2, 13.0)
     for i, curve in enumerate(curves):
         color = colors[curve.aggregator]
         ax.plot(
@@ -180,6 +195,17 @@ def plot_frontier(curves: Sequence[Curve], path: str | Path, *, title: str | Non
             linewidth=0.8,
             alpha=0.55,
             color=color,
+        )
+        ax_proxy.plot(
+            curve.sqrt_kl,
+            curve.proxy,
+            "--",
+            marker=markers[i],
+            markersize=3,
+            linewidth=0.9,
+            alpha=0.7,
+            color=color,
+            label=curve.label,
         )
         finite = np.isfinite(curve.gold) & np.isfinite(curve.sqrt_kl)
         if np.any(finite):
@@ -210,14 +236,27 @@ def plot_frontier(curves: Sequence[Curve], path: str | Path, *, title: str | Non
                 label=f"{aggregator if aggregator is not None else 'single'} "
                 f"({len(group)} run{'s' if len(group) != 1 else ''})",
             )
+        fitted = (fits or {}).get(aggregator)
+        if fitted is not None and np.any(np.isfinite(d)):
+            form, alpha, beta = fitted
+            grid = np.linspace(0.0, float(np.nanmax(d)), 200)
+            ax.plot(grid, _FORMS[form](grid, alpha, beta), ":", color=color, linewidth=1.6)
     ax.plot([], [], "*", color="0.5", markeredgecolor="black", label="gold peak of a run")
+    if fits:
+        ax.plot([], [], ":", color="0.4", label="fitted Gao et al. form (pooled runs)")
     methods = sorted({c.method for c in curves})
-    ax.set_title(title or f"{', '.join(methods)}: gold frontier over runs (thick: best within KL)")
-    ax.set_xlabel(X_LABEL)
+    fig.suptitle(title or f"{', '.join(methods)}: gold and proxy vs sqrt(KL), every run")
+    ax.set_title("gold (thick: best gold within a KL budget)")
+    ax_proxy.set_title("proxy objective (dashed)")
     ax.set_ylabel(GOLD_LABEL)
-    ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.grid(alpha=0.3)
+    ax_proxy.set_ylabel(PROXY_LABEL)
+    for axis in (ax, ax_proxy):
+        axis.set_xlabel(X_LABEL)
+        axis.axhline(0.0, color="0.6", linewidth=0.8)
+        axis.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if len(curves) <= 24:
+        ax_proxy.legend(fontsize=6, loc="best", ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
 
 

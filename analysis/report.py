@@ -7,9 +7,11 @@ Command line::
 
 Each RUN_DIR is a run directory or a sweep folder of run directories. For every method found
 it writes ``DIR/curves_<method>.png`` and ``DIR/frontier_<method>.png``; it writes
-``DIR/table.md`` (one row per curve) and prints the table. ``--members`` adds one ensemble
-member-spread figure per curve. ``--wandb`` uploads the figures and the table to Weights & Biases
-(mode from the environment variable WANDB_MODE, "offline" by default).
+``DIR/table.md`` (one row per curve) and ``DIR/frontier.md`` (one row per method and aggregator,
+pooled over runs) and prints the per-curve table. ``--members`` adds one ensemble
+member-spread figure per curve. ``--wandb`` uploads the figures and both tables to Weights & Biases,
+into the project and group of the runs' config (a sweep's group); mode from the environment
+variable WANDB_MODE, "offline" by default.
 
 Fits follow Gao, Schulman & Hilton (2022, §3): gold relative to the initial policy against
 d = sqrt(KL), R_bon(d) = d (alpha - beta d) with peak d* = alpha / (2 beta), or
@@ -88,6 +90,12 @@ class Report:
     """``DIR/table.md``."""
     images: list[Path]
     """Every PNG written."""
+    group_rows: list[dict[str, Any]]
+    """One dict per (method, aggregator) over all its runs (see :func:`build_group_rows`)."""
+    group_table: str
+    """The markdown table of ``group_rows``."""
+    group_table_path: Path
+    """``DIR/frontier.md``."""
 
 
 def resolve_form(method: str, form: str) -> str:
@@ -193,6 +201,90 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (row key, table header, kind) of the per-aggregator table.
+_GROUP_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("method", "method", "text"),
+    ("aggregator", "aggregator", "text"),
+    ("runs", "runs", "text"),
+    ("best_run", "best run", "text"),
+    ("best_peak_gold", "best peak gold", "number"),
+    ("best_sqrt_kl_at_peak", "sqrt_kl at best peak", "number"),
+    ("largest_sqrt_kl", "largest sqrt_kl", "number"),
+    ("gold_at_largest_kl", "gold at largest sqrt_kl", "number"),
+    ("drop_from_best_peak", "drop from best peak", "number"),
+    ("proxy_at_largest_kl", "proxy at largest sqrt_kl", "number"),
+    ("form", "fit form", "text"),
+    ("fit_alpha", "pooled fit α", "number"),
+    ("fit_beta", "pooled fit β", "number"),
+    ("fit_r2", "pooled fit R²", "number"),
+    ("predicted_peak_sqrt_kl", "predicted peak d", "number"),
+)
+
+
+def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:
+    """One row per (method, aggregator), pooling every run of a sweep with that aggregator.
+
+    - best_peak_gold, best_run, best_sqrt_kl_at_peak: the highest gold any run reached, and where;
+    - largest_sqrt_kl, gold_at_largest_kl, proxy_at_largest_kl: the point furthest from the
+      initial policy over all runs (the largest optimization budget the sweep spent);
+    - drop_from_best_peak = best_peak_gold - gold_at_largest_kl;
+    - a Gao et al. form fitted to all points of all runs together (gold relative to the initial
+      policy, which every run of a sweep shares): alpha, beta, R^2 and the predicted peak d.
+    """
+    groups: dict[tuple[str, str | None], list[Curve]] = {}
+    for curve in _sorted_curves(curves):
+        groups.setdefault((curve.method, curve.aggregator), []).append(curve)
+    rows = []
+    for (method, aggregator), group in groups.items():
+        d = np.concatenate([c.sqrt_kl for c in group])
+        gold = np.concatenate([c.gold for c in group])
+        proxy = np.concatenate([c.proxy for c in group])
+        owner = [c for c in group for _ in range(c.sqrt_kl.size)]
+        row: dict[str, Any] = {"method": method, "aggregator": aggregator, "runs": len(group)}
+        finite = np.isfinite(d) & np.isfinite(gold)
+        if np.any(finite):
+            best = int(np.argmax(np.where(finite, gold, -np.inf)))
+            far = int(np.argmax(np.where(finite, d, -np.inf)))
+            row.update(
+                best_run=owner[best].run_dir.name,
+                best_peak_gold=float(gold[best]),
+                best_sqrt_kl_at_peak=float(d[best]),
+                largest_sqrt_kl=float(d[far]),
+                gold_at_largest_kl=float(gold[far]),
+                drop_from_best_peak=float(gold[best] - gold[far]),
+                proxy_at_largest_kl=float(proxy[far]),
+            )
+        chosen = resolve_form(method, form)
+        row["form"] = chosen
+        fitter, peak = _FITTERS[chosen]
+        try:
+            alpha, beta, r2 = fitter(d, gold)
+        except ValueError:
+            row.update(fit_alpha=None, fit_beta=None, fit_r2=None, predicted_peak_sqrt_kl=None)
+        else:
+            row.update(fit_alpha=alpha, fit_beta=beta, fit_r2=r2, predicted_peak_sqrt_kl=peak(alpha, beta))
+        rows.append(row)
+    return rows
+
+
+def format_group_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Render rows from :func:`build_group_rows` as a markdown table."""
+    lines = [
+        "| " + " | ".join(header for _, header, _ in _GROUP_COLUMNS) + " |",
+        "|" + "|".join("---" if kind == "text" else "---:" for _, _, kind in _GROUP_COLUMNS) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), kind) for key, _, kind in _GROUP_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_GROUP_NOTE = (
+    "\nOne row per method and aggregator, pooling every run of the sweep (e.g. every KL coefficient). "
+    "Gold and proxy are relative to the initial policy; d = sqrt(KL(π‖π_init)). The pooled fit is "
+    "Gao et al.'s form fitted to the points of all runs together.\n"
+)
+
+
 _TABLE_NOTE = (
     "\nGold and proxy are relative to the initial policy; d = sqrt(KL(π‖π_init)) in sqrt nats. "
     "Drop = peak gold − gold at the largest budget (n for best-of-n, last step for RL), also as "
@@ -212,14 +304,17 @@ def write_report(
     form: str = "auto",
     members: bool = False,
 ) -> Report:
-    """Write ``curves_<method>.png``, ``frontier_<method>.png`` and ``table.md`` under out_dir.
+    """Write ``curves_<method>.png``, ``frontier_<method>.png``, ``table.md`` and ``frontier.md``.
 
-    With ``members`` also ``members_<method>_<NN>_<label>.png``, one per curve.
+    ``table.md`` has one row per curve (run and aggregator); ``frontier.md`` one row per method
+    and aggregator over all runs (:func:`build_group_rows`), whose pooled fits are drawn on the
+    frontier plots. With ``members`` also ``members_<method>_<NN>_<label>.png``, one per curve.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ordered = _sorted_curves(curves)
     rows = build_rows(ordered, form)
+    group_rows = build_group_rows(ordered, form)
     images: list[Path] = []
     for method in sorted({c.method for c in ordered}):
         indices = [i for i, c in enumerate(ordered) if c.method == method]
@@ -232,7 +327,12 @@ def write_report(
             )
         name = _slug(method)
         images.append(plot_method_curves(group, out / f"curves_{name}.png", fits=fits))
-        images.append(plot_frontier(group, out / f"frontier_{name}.png"))
+        pooled: dict[str | None, FittedForm] = {
+            g["aggregator"]: (g["form"], g["fit_alpha"], g["fit_beta"])
+            for g in group_rows
+            if g["method"] == method and g["fit_alpha"] is not None
+        }
+        images.append(plot_frontier(group, out / f"frontier_{name}.png", fits=pooled))
         if members:
             for j, curve in enumerate(group):
                 images.append(
@@ -241,7 +341,18 @@ def write_report(
     table = format_table(rows)
     table_path = out / "table.md"
     table_path.write_text(table + _TABLE_NOTE, encoding="utf-8")
-    return Report(rows=rows, table=table, table_path=table_path, images=images)
+    group_table = format_group_table(group_rows)
+    group_table_path = out / "frontier.md"
+    group_table_path.write_text(group_table + _GROUP_NOTE, encoding="utf-8")
+    return Report(
+        rows=rows,
+        table=table,
+        table_path=table_path,
+        images=images,
+        group_rows=group_rows,
+        group_table=group_table,
+        group_table_path=group_table_path,
+    )
 
 
 def _wandb_section(curves: Sequence[Curve]) -> Mapping[str, Any]:
@@ -252,13 +363,23 @@ def _wandb_section(curves: Sequence[Curve]) -> Mapping[str, Any]:
     return {}
 
 
-def upload_to_wandb(report: Report, curves: Sequence[Curve], *, form: str = "auto") -> None:
-    """Log the report's figures and table to a W&B analysis run.
+def upload_to_wandb(
+    report: Report,
+    curves: Sequence[Curve],
+    *,
+    form: str = "auto",
+    mode: str | None = None,
+    name: str | None = None,
+) -> None:
+    """Log the report's figures and tables to a W&B analysis run in the runs' project and group.
 
-    wandb is imported here only. Mode comes from the environment variable WANDB_MODE
-    ("offline" by default, so nothing needs a login); project, group and entity from the first
-    ``wandb:`` section found in the runs' config.yaml (project defaults to "rlhf_overopt").
-    The PNGs and table.md are also attached as one artifact of type "analysis".
+    wandb is imported here only. ``mode`` defaults to the environment variable WANDB_MODE, then
+    "offline" (nothing needs a login); project, group and entity come from the first ``wandb:``
+    section found in the runs' config.yaml (project defaults to "rlhf_overopt"), so the report of
+    a sweep lands in the sweep's group. The run is named ``name`` (default: "<group>-report").
+    Logged: ``figures/<png stem>`` images, ``overoptimization_table`` (one row per curve) and
+    ``frontier_table`` (one row per method and aggregator); the PNGs, table.md and frontier.md
+    are also attached as one artifact of type "analysis".
 
     Raises:
         ImportError: wandb is not installed.
@@ -267,27 +388,34 @@ def upload_to_wandb(report: Report, curves: Sequence[Curve], *, form: str = "aut
 
     section = _wandb_section(curves)
     out_dir = report.table_path.parent
+    group = section.get("group") or None
     run = wandb.init(
         project=str(section.get("project") or "rlhf_overopt"),
-        group=section.get("group"),
-        entity=section.get("entity"),
-        mode=os.environ.get("WANDB_MODE", "offline"),
+        group=group,
+        entity=section.get("entity") or None,
+        mode=mode or os.environ.get("WANDB_MODE", "offline"),
         job_type="analysis",
+        name=name or f"{group or 'overoptimization'}-report",
         dir=str(out_dir),
         config={"run_dirs": sorted({str(c.run_dir) for c in curves}), "form": form},
     )
     try:
         columns = [key for key, _, _ in _COLUMNS]
+        group_columns = [key for key, _, _ in _GROUP_COLUMNS]
         run.log(
             {
                 **{f"figures/{path.stem}": wandb.Image(str(path)) for path in report.images},
                 "overoptimization_table": wandb.Table(
                     columns=columns, data=[[row.get(key) for key in columns] for row in report.rows]
                 ),
+                "frontier_table": wandb.Table(
+                    columns=group_columns,
+                    data=[[row.get(key) for key in group_columns] for row in report.group_rows],
+                ),
             }
         )
         artifact = wandb.Artifact("overoptimization_report", type="analysis")
-        for path in [*report.images, report.table_path]:
+        for path in [*report.images, report.table_path, report.group_table_path]:
             artifact.add_file(str(path))
         run.log_artifact(artifact)
     finally:

@@ -154,7 +154,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys a resumed run may change: they steer how far or how verbosely to go, not what is computed.
-RESUMABLE_CHANGES = {"resume", "ppo.steps", "wandb.mode"}
+RESUMABLE_CHANGES = {"resume", "ppo.steps", "wandb.mode", "num_threads"}
 
 
 def check_run_dir(cfg: Config) -> str:

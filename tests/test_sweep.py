@@ -1,0 +1,269 @@
+"""Sweeps: grid expansion, run names, up-front validation, the W&B spec, and a sweep that is
+killed partway and run again (every run completes; none runs twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rlhf_overopt.config import Config, parse_override
+from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.sweep import (
+    SweepError,
+    build_command,
+    expand_grid,
+    load_sweep,
+    override_item,
+    plan_runs,
+    run_names,
+    wandb_sweep_spec,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_CLI = ROOT / "launch" / "sweep.py"
+TINY_SWEEP = ROOT / "configs" / "sweeps" / "tiny_kl_sweep.yaml"
+
+
+def write_sweep(tmp_path: Path, body: dict[str, Any], name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def sweep_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SWEEP_CLI), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+# ---------------------------------------------------------------- expansion and names
+
+
+def test_expand_grid_is_the_cartesian_product_last_key_fastest() -> None:
+    points = expand_grid({"a": [1, 2], "b": ["x", "y", "z"]})
+    assert points == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"},
+                      {"a": 2, "b": "x"}, {"a": 2, "b": "y"}, {"a": 2, "b": "z"}]
+
+
+def test_run_names_are_short_readable_and_unique() -> None:
+    grid = {"aggregate.name": ["member_0", "uwo"], "ppo.kl_coef": [0.01, 1e-5], "seed": [0, 1], "ppo.lr": [1e-4]}
+    varied = [k for k, v in grid.items() if len(v) > 1]
+    names = run_names(expand_grid(grid), varied)
+    assert names[:3] == ["member_0-kl_coef0.01-seed0", "member_0-kl_coef0.01-seed1", "member_0-kl_coef1e-05-seed0"]
+    assert names[-1] == "uwo-kl_coef1e-05-seed1"
+    assert len(set(names)) == 8
+    # values that slug to the same text fall back to longer, still unique names
+    clash = run_names([{"policy.path": "a b"}, {"policy.path": "a_b"}], ["policy.path"])
+    assert len(set(clash)) == 2
+    assert run_names([{"x": 1}], []) == ["run"]
+
+
+@pytest.mark.parametrize("value", [0.01, 1e-5, 3, True, "uwo", [1, 2], None])
+def test_override_items_read_back_as_the_same_value(value: Any) -> None:
+    _, parsed = parse_override(override_item("ppo.kl_coef" if not isinstance(value, str) else "aggregate.name",
+                                               value))
+    assert parsed == value or float(parsed) == value  # YAML 1.1 reads 1e-05 as text; the config reads it as 1e-5
+
+
+def test_plan_sets_run_dirs_group_and_validated_configs(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {
+        "base": str(ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"),
+        "name": "demo",
+        "grid": {"aggregate.name": ["mean", "wco"], "ppo.kl_coef": [0.01, 0.1], "seed": [0, 1]},
+        "set": {"ppo.steps": 2},
+    })
+    sweep = load_sweep(path, ["eval.every=1"])
+    runs = plan_runs(sweep, tmp_path / "runs", threads_per_run=1)
+    assert len(runs) == 8 and all(r.action == "new" for r in runs)
+    first = runs[0]
+    assert first.name == "mean-kl_coef0.01-seed0"
+    assert first.output_dir == tmp_path / "runs" / "demo" / first.name
+    cfg = first.config
+    assert (cfg.aggregate.name, cfg.ppo.kl_coef, cfg.seed, cfg.ppo.steps, cfg.eval.every) == ("mean", 0.01, 0, 2, 1)
+    assert cfg.wandb.group == "demo" and cfg.name == first.name and cfg.num_threads == 1
+    assert len({r.config.wandb.project for r in runs}) == 1
+    assert [r.config.seed for r in runs[:2]] == [0, 1]
+    only = plan_runs(sweep, tmp_path / "runs", select=["aggregate.name=wco", "ppo.kl_coef=0.1"])
+    assert [r.name for r in only] == ["wco-kl_coef0.1-seed0", "wco-kl_coef0.1-seed1"]
+    assert only[0].config.num_threads == Config().num_threads  # one at a time: the config's default
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"grid": {"ppo.kl_coef": [0.1]}}, "base:"),
+    ({"base": "configs/tiny/ppo_ensemble.yaml", "grid": {}}, "grid:"),
+    ({"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"ppo.kl_coef": 0.1}}, "grid.ppo.kl_coef:"),
+    ({"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"output_dir": ["a", "b"]}}, "output_dir:"),
+    ({"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"wandb.project": ["a", "b"]}}, "grid.wandb.project:"),
+    ({"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"seed": [1]}, "sets": {}}, "sets: unknown sweep file key"),
+    ({"base": "configs/nope.yaml", "grid": {"seed": [1]}}, "base: config file not found"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path: Path, body: dict[str, Any], message: str) -> None:
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write_sweep(tmp_path, body))
+
+
+def test_bad_value_exits_2_naming_run_and_key_before_any_run(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {
+        "base": "configs/tiny/ppo_ensemble.yaml",
+        "name": "bad",
+        "grid": {"ppo.kl_coef": [0.01, 0.1], "aggregate.name": ["mean", "bogus"]},
+    })
+    runs_root = tmp_path / "runs"
+    result = sweep_cli("--config", str(path), "--runs-root", str(runs_root))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("config error: run kl_coef0.01-bogus: aggregate.name: unknown aggregator 'bogus'")
+    assert not runs_root.exists()  # nothing started, nothing written
+    result = sweep_cli("--config", str(path), "--runs-root", str(runs_root), "ppo.klcoef=1")
+    assert result.returncode == 2 and "ppo.klcoef: unknown key" in result.stderr
+    assert not runs_root.exists()
+
+
+def test_shipped_sweeps_expand_and_validate(tmp_path: Path) -> None:
+    for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
+        runs = plan_runs(load_sweep(path), tmp_path / "runs")
+        assert runs and len({r.name for r in runs}) == len(runs), path
+    kl = load_sweep(ROOT / "configs" / "sweeps" / "kl_sweep.yaml")
+    assert set(kl.grid["aggregate.name"]) == {"member_0", "mean", "wco", "uwo"}
+    assert len(kl.grid["ppo.kl_coef"]) >= 4
+    assert {r.config.method for r in plan_runs(kl, tmp_path / "runs")} == {"ppo"}
+    tiny = load_sweep(TINY_SWEEP)
+    assert len(plan_runs(tiny, tmp_path / "runs")) == 4
+
+
+def test_wandb_sweep_spec_runs_the_same_grid_points(tmp_path: Path) -> None:
+    sweep = load_sweep(TINY_SWEEP, ["ppo.steps=2"])
+    spec = wandb_sweep_spec(sweep, project="proj", runs_root=str(tmp_path / "runs"))
+    assert spec["method"] == "grid" and spec["project"] == "proj" and spec["program"] == "launch/sweep.py"
+    assert spec["parameters"] == {k: {"values": v} for k, v in sweep.grid.items()}
+    assert spec["command"][-2:] == ["--select", "${args_no_hyphens}"]
+
+    out = tmp_path / "wandb_sweep.yaml"
+    result = sweep_cli("--config", str(TINY_SWEEP), "--wandb-sweep", str(out), "ppo.steps=2")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(out.read_text())["parameters"] == spec["parameters"]
+    # What a W&B agent would run for one grid point: the same run directory as the local sweep.
+    agent_args = ["aggregate.name=uwo", "ppo.kl_coef=0.1"]
+    command = [c for c in spec["command"] if not c.startswith("${")]
+    command = command[:command.index("--select")]
+    result = sweep_cli(*command[:2], "--dry-run", *command[2:], "--select", *agent_args)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert [(row[0], row[1]) for row in listed] == [("uwo-kl_coef0.1", "new")]
+    assert "wandb.mode=online" in result.stdout and "wandb.group=tiny_kl_sweep" in result.stdout
+
+
+def test_commands_resume_and_launchers_get_their_own_port(tmp_path: Path) -> None:
+    sweep = load_sweep(TINY_SWEEP)
+    run = plan_runs(sweep, tmp_path / "runs")[0]
+    plain = build_command(run, sweep.base, "new", python="python")
+    assert plain[:4] == ["python", str(ROOT / "launch" / "train.py"), "--config", str(sweep.base)]
+    assert "resume=true" not in plain and f"output_dir={run.output_dir}" in plain
+    assert build_command(run, sweep.base, "resume", python="python")[-1] == "resume=true"
+    ds = build_command(run, sweep.base, "new", launcher="deepspeed --num_gpus 2", port=29611)
+    assert ds[:4] == ["deepspeed", "--master_port=29611", "--num_gpus", "2"]
+    assert ds[4] == str(ROOT / "launch" / "train.py")
+    custom = build_command(run, sweep.base, "new", launcher="torchrun --master-port {port} --nproc_per_node 2",
+                           port=29612)
+    assert custom[:3] == ["torchrun", "--master-port", "29612"]
+
+
+# ---------------------------------------------------------------- kill and resume
+
+
+def _state(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _summary_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path: Path, tiny_testbed) -> None:
+    """Kill the whole sweep (SIGKILL to its process group) once its first run has completed and
+    the second has logged its first evaluation; run the sweep again, two runs at a time.
+
+    "None run twice" means: (1) no run whose summary said completed is started again — its
+    files are untouched by the second invocation, and in sweep.json no attempt of any run starts
+    after one of its attempts completed; (2) no curves.jsonl holds a step twice.
+    """
+    runs_root = tmp_path / "runs"
+    folder = runs_root / "tiny_kl_sweep"
+    args = ["--config", str(TINY_SWEEP), "--runs-root", str(runs_root), "--no-report",
+            f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    proc = subprocess.Popen([sys.executable, str(SWEEP_CLI), *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    names = run_names(expand_grid(load_sweep(TINY_SWEEP).grid), ["aggregate.name", "ppo.kl_coef"])
+    first, second = folder / names[0], folder / names[1]
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            runs = _state(folder).get("runs", {})
+            if runs.get(names[0], {}).get("status") == "completed" and (second / "curves.jsonl").exists():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _summary_status(first) == "completed"
+    assert _summary_status(second) == "running"  # killed mid-run: nothing recorded its end
+    first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+
+    result = subprocess.run([sys.executable, str(SWEEP_CLI), *args[:-2], "--parallel", "2", *args[-2:]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # every run completed, with each evaluation step logged once
+    for name in names:
+        assert _summary_status(folder / name) == "completed", name
+        steps = [row["step"] for row in read_jsonl(folder / name / "curves.jsonl")]
+        assert steps == [0, 2, 4], (name, steps)
+    # the run completed before the kill was not touched again
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
+
+    state = _state(folder)
+    _, second_inv = state["invocations"]
+    assert second_inv["skipped_completed"] == [names[0]]
+    assert set(second_inv["result"].values()) == {"completed"}
+    for name in names:
+        attempts = state["runs"][name]["attempts"]
+        outcomes = [a["outcome"] for a in attempts]
+        assert outcomes.count("completed") == 1 and outcomes[-1] == "completed", (name, outcomes)
+    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[0]]["attempts"]] == [
+        (0, "new", "completed")]
+    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[1]]["attempts"]] == [
+        (0, "new", "interrupted"), (1, "resume", "completed")]
+    for name in names[2:]:
+        assert [(a["invocation"], a["action"]) for a in state["runs"][name]["attempts"]] == [(1, "new")]
+    # the two remaining new runs and the resumed one shared the machine two at a time
+    assert any("num_threads=" in " ".join(a["command"]) for a in state["runs"][names[2]]["attempts"])
+
+    # a third invocation has nothing to do, then writes the report of the whole grid
+    again = sweep_cli(*[a for a in args if a != "--no-report"])
+    assert again.returncode == 0, again.stderr
+    assert "0 to run, 4 already completed" in again.stdout
+    table = (folder / "report" / "table.md").read_text()
+    assert sum(1 for line in table.splitlines() if line.startswith("| ") and "ppo" in line) == 4
+    assert (folder / "report" / "frontier_ppo.png").stat().st_size > 1000
+    frontier = (folder / "report" / "frontier.md").read_text()
+    assert "| ppo | member_0 | 2 |" in frontier and "| ppo | uwo | 2 |" in frontier
+    # changing a value under completed runs is refused up front
+    changed = sweep_cli(*args, "ppo.lr=0.5", "--dry-run")
+    assert changed.returncode == 2 and "differs from the run being resumed" in changed.stderr
