@@ -148,3 +148,10 @@ def test_sigkill_at_random_points_then_resume(ppo_run, tiny_testbed, tmp_path):
         for key in SUMMARY_TIMING:
             s.pop(key, None)
     assert done == reference
+
+
+@pytest.mark.slow
+def test_value_model_initialized_from_a_proxy_member(tiny_testbed, tmp_path):
+    out = tmp_path / "run"
+    train(f"output_dir={out}", "ppo.value_init=proxy", "ppo.steps=2", cache=tiny_testbed.root.parent)
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"

@@ -177,7 +177,7 @@ def _truncate_logs(run, step: int) -> None:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import ensure_proxies
+    from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies, first_member_backbone
 
     cfg, p, info = ctx.cfg, ctx.cfg.ppo, ctx.dist
     ensure_process_group(info.device)
@@ -202,7 +202,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         return load_causal_lm(policy_path, dtype=getattr(torch, cfg.policy.dtype),
                               trust_remote_code=cfg.policy.trust_remote_code, dropout_off=cfg.policy.dropout_off)
 
-    value_path = policy_path if p.value_init == "policy" else str(ensemble.member_dir(0))
+    value_path = (policy_path if p.value_init == "policy"
+                  else str(first_member_backbone(ensemble_dir(cfg, ctx.testbed))))
     updates_per_iteration = p.ppo_epochs * (p.batch_size // p.mini_batch_size)
     engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=micro_batch, world_size=world,
                            max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)

@@ -109,6 +109,20 @@ def ensure_proxies(ctx: RunContext):
     return ensemble
 
 
+def ensemble_dir(cfg: Config, testbed) -> Path:
+    """Where the run's ensemble lives: proxy.path, or its cache folder."""
+    return Path(cfg.proxy.path) if cfg.proxy.path else proxy_cache_dir(cfg, testbed)
+
+
+def first_member_backbone(root: Path) -> Path:
+    """A transformer checkpoint inside a saved ensemble to initialize a value model from:
+    member_0 (independent, pretrain), the shared backbone (multihead) or the base (lora)."""
+    for name in ("member_0", "backbone", "base"):
+        if (root / name / "config.json").exists():
+            return root / name
+    raise InputError(f"{root}: no member_0/, backbone/ or base/ checkpoint to initialize a value model from")
+
+
 def proxy_report(ensemble, out_dir: Path) -> dict[str, Any]:
     return {
         "path": str(out_dir),
@@ -125,8 +139,7 @@ def proxy_report(ensemble, out_dir: Path) -> dict[str, Any]:
 def run(ctx: RunContext) -> dict[str, Any]:
     t = time.time()
     ensemble = ensure_proxies(ctx)
-    report = proxy_report(ensemble, proxy_cache_dir(ctx.cfg, ctx.testbed) if not ctx.cfg.proxy.path
-                          else Path(ctx.cfg.proxy.path))
+    report = proxy_report(ensemble, ensemble_dir(ctx.cfg, ctx.testbed))
     for name in ensemble.member_names:
         log.info("%s: val accuracy %.3f (noisy labels), %s (clean labels)", name, ensemble.val_accuracy.get(name, 0),
                  ensemble.val_accuracy_clean.get(name))
