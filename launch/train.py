@@ -29,6 +29,10 @@ DRIVERS = {
     "ppo": "ppo",
     "dpo": "dpo",
     "madpo": "dpo",
+    "constrained_ppo": "constrained_ppo",
+    "nm_ppo": "constrained_ppo",
+    "dynamic_ppo": "dynamic_ppo",
+    "proxy_points": "proxy_points",
 }
 
 

@@ -1,0 +1,118 @@
+"""method: proxy_points — where gold peaks against each component's value (Moskovitz et al. 2023, §3).
+
+A component reward is useful up to its proxy point: past it, raising the component lowers the
+ground truth. This command finds each point and writes the thresholds that constrained_ppo reads:
+
+    1. runs     one run per component that optimizes that component alone: dynamic_ppo with
+                fixed one-hot weights and the ppo.* settings, trained here into runs/<name>/
+                (completed ones are reused, interrupted ones resumed) — or, given
+                proxy_points.runs, those run directories read as they are
+    2. points   per component i, the run's evaluation points (component_scores[i], gold_score)
+    3. fit      gold = a + b v + c v^2 by linear least squares (scipy.linalg.lstsq); the proxy
+                point is the fitted maximum within the observed component values
+    4. write    thresholds.json: names, thresholds, and per component the fit and its points
+
+Components are correlated (pushing sentiment also changes fluency), so a point found with one
+component pushed alone is an estimate of the joint point; NM-PPO refines the thresholds online.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf_overopt import dist
+from rlhf_overopt.config import validate
+from rlhf_overopt.constrained import quadratic_peak
+from rlhf_overopt.loops.common import InputError, RunContext
+from rlhf_overopt.runs import RunDir, read_jsonl, summarize_curves
+
+log = logging.getLogger("rlhf_overopt")
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def fit_proxy_point(values: list[float], gold: list[float]) -> dict[str, Any]:
+    """Quadratic least-squares fit of gold against a component's value, and where it peaks.
+
+    values, gold: one entry per evaluation point. Returns the coefficients (a, b, c) of
+    `a + b v + c v^2`, the proxy point (the fit's maximum on the observed range of v), and the
+    observed best point for comparison.
+    """
+    import numpy as np
+    from scipy.linalg import lstsq
+
+    x, y = np.asarray(values, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    coef = lstsq(np.stack([np.ones_like(x), x, x * x], axis=1), y)[0]  # exact linear least squares
+    best = int(np.argmax(y))
+    return {
+        "coefficients": [float(c) for c in coef],
+        "proxy_point": float(quadratic_peak(tuple(float(c) for c in coef), float(x.min()), float(x.max()))),
+        "observed_peak_value": float(x[best]),
+        "observed_peak_gold": float(y[best]),
+        "points": [[float(a), float(b)] for a, b in zip(x, y)],
+    }
+
+
+def _component_run(ctx: RunContext, i: int) -> Path:
+    """Stage 1 for component i: train (or reuse, or resume) the run that optimizes it alone."""
+    from rlhf_overopt.loops import dynamic_ppo
+
+    cfg, info = ctx.cfg, ctx.dist
+    names = cfg.components.names
+    out = ctx.run.root / "runs" / names[i]
+    one_hot = [1.0 if j == i else 0.0 for j in range(len(names))]
+    sub_cfg = dataclasses.replace(cfg, method="dynamic_ppo", name=f"{cfg.name}-{names[i]}", output_dir=str(out),
+                                  resume=True,
+                                  weighting=dataclasses.replace(cfg.weighting, mode="fixed", weights=one_hot))
+    validate(sub_cfg, check_paths=False)
+    summary_path = out / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
+        log.info("proxy points: reusing the completed run %s", out)
+        return out
+    run = RunDir(out, writable=info.is_main)
+    state = "resume" if (out / "config.yaml").exists() else "new"
+    if info.is_main:
+        run.init(sub_cfg)
+    dist.barrier()
+    log.info("proxy points: training %s alone into %s (%s)", names[i], out, state)
+    started = time.time()
+    result = dynamic_ppo.run(RunContext(cfg=sub_cfg, dist=info, run=run, state=state, testbed=ctx.testbed))
+    dist.barrier()
+    if info.is_main:
+        run.write_summary({"status": "completed", "method": sub_cfg.method,
+                           "wall_time_s": round(time.time() - started, 2),
+                           "curves": summarize_curves(run.curves()), **result})
+    return out
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    names, pp = cfg.components.names, cfg.proxy_points
+    # 1. runs: read the given ones, or train one per component
+    dirs = [Path(r) for r in pp.runs] if pp.runs else [_component_run(ctx, i) for i in range(len(names))]
+    fits: dict[str, Any] = {}
+    for i, (name, run_dir) in enumerate(zip(names, dirs)):
+        # 2. points: (component i's eval score, gold) at every evaluation of its run
+        rows = sorted(read_jsonl(Path(run_dir) / "curves.jsonl"), key=lambda r: r["step"])
+        rows = [r for r in rows if "component_scores" in r]
+        if len(rows) < pp.min_points:
+            raise InputError(f"proxy_points: {run_dir} has {len(rows)} evaluation points with component_scores; "
+                             f"the fit needs {pp.min_points}")
+        if rows[0].get("component_names", names) != names:
+            raise InputError(f"proxy_points: {run_dir} scored components {rows[0]['component_names']}, not {names}")
+        # 3. fit
+        fits[name] = {"run": str(run_dir), "steps": [r["step"] for r in rows],
+                      **fit_proxy_point([r["component_scores"][i] for r in rows], [r["gold_score"] for r in rows])}
+        log.info("proxy point of %s: %.3f (observed gold peak %.3f at %.3f)", name, fits[name]["proxy_point"],
+                 fits[name]["observed_peak_gold"], fits[name]["observed_peak_value"])
+    # 4. write the thresholds for constrained_ppo / nm_ppo
+    result = {"names": names, "thresholds": [fits[n]["proxy_point"] for n in names], "fit": "quadratic",
+              "components": fits}
+    if ctx.dist.is_main:
+        ctx.run.write_json(THRESHOLDS_FILE, result)
+    return {"thresholds": result["thresholds"], "names": names, "runs": [str(d) for d in dirs]}
