@@ -414,7 +414,7 @@ class DynamicWeightingConfig:
     mode: Literal["fixed", "hypervolume", "gradient"] = "fixed"
     """fixed; hypervolume: reward scaled by 0.5 + 1.5 tanh(HV gain) at each eval; gradient: w_j *= exp(eta I_j / mu)."""
     weights: list[float] = field(default_factory=list)
-    """Initial (for fixed: constant) weight per component, summing to 1; empty means uniform."""
+    """Initial (for fixed: constant) weight per component, normalized to sum 1; empty means uniform."""
     hv_reference_offset: float = 1.0
     """Hypervolume reference point: the step-0 eval component scores minus this, in every objective."""
     gradient_eta: float = 0.0
@@ -744,6 +744,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for key, value in {"dpo.corpus_share_medium": cfg.dpo.corpus_share_medium,
                        "dpo.corpus_share_low": cfg.dpo.corpus_share_low}.items():
         _require(0 <= value <= 1, key, f"must be in [0, 1], got {value}")
+    _require(cfg.dpo.quality == "high" or cfg.dpo.dataset == "testbed", "dpo.quality",
+             "quality tiers are built from the testbed's preferences; use 'high' with a dpo.dataset path")
     _require(cfg.madpo.c_max > 1, "madpo.c_max", f"must be > 1, got {cfg.madpo.c_max}")
     _require(0 <= cfg.madpo.c_min < 1, "madpo.c_min", f"must be in [0, 1) (0 means 1/c_max), got {cfg.madpo.c_min}")
 

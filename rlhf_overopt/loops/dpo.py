@@ -278,6 +278,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         if info.is_main:
             _truncate_logs(ctx.run, start)
         log.info("resumed at step %d", start)
+    elif ctx.state == "resume" and info.is_main:
+        # interrupted before its first checkpoint: it starts over, so drop what it had logged
+        _truncate_logs(ctx.run, -1)
     tracker = Tracker(cfg, enabled=info.is_main)
     gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
     extra = {"beta": d.beta, "loss_type": d.loss_type, "quality": data_info.get("quality", "user"),
