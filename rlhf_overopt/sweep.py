@@ -55,7 +55,7 @@ from typing import IO, Any
 import yaml
 
 from rlhf_overopt.config import Config, ConfigError, load_config, parse_override
-from rlhf_overopt.runs import atomic_write_json, check_run_dir, read_jsonl
+from rlhf_overopt.runs import atomic_write_json, check_run_dir, file_lock, read_jsonl
 
 log = logging.getLogger("rlhf_overopt.sweep")
 
@@ -440,17 +440,6 @@ def try_lock(path: Path) -> IO[bytes] | None:
     return handle
 
 
-@contextlib.contextmanager
-def _held(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -485,7 +474,7 @@ class SweepState:
     @contextlib.contextmanager
     def update(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write the state under the state lock."""
-        with _held(self.lock_path):
+        with file_lock(self.lock_path):
             data = self.read()
             yield data
             data["updated_at"] = _now()

@@ -19,7 +19,6 @@ exactly what an uninterrupted one does.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass

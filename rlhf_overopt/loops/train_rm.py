@@ -12,35 +12,22 @@ by the proxy settings, the backbone and the testbed), so later runs reuse it in 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlhf_overopt import dist
 from rlhf_overopt.config import Config, to_dict
 from rlhf_overopt.loops.common import InputError, RunContext
+from rlhf_overopt.runs import file_lock
 
 log = logging.getLogger("rlhf_overopt")
 
 PROXY_CACHE_VERSION = 1
 VAL_FRACTION = 0.1
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes (ranks, parallel sweep runs) on `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def proxy_cache_dir(cfg: Config, testbed) -> Path:
