@@ -152,6 +152,9 @@ class ProxyConfig:
     """Token cap of prompt + response (+ EOS) fed to a proxy, keeping the end; 0 means the backbone's context length."""
     weight_decay: float = 0.0
     """AdamW weight decay of proxy training."""
+    train_pairs: int = 0
+    """Train on only the first train_pairs pairs of the (shuffled) train split; 0 uses all. Less
+    preference data gives weaker proxies that are overoptimized sooner (Gao et al. 2022, Fig. 4)."""
     multihead_bootstrap: bool = True
     """kind=multihead: each head trains on its own resample (with replacement) of every batch, so heads see different data."""
     score_method: Literal["loop", "vmap"] = "loop"
@@ -694,6 +697,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _require(cfg.eval.n_samples_logged >= 0, "eval.n_samples_logged", "must be >= 0")
     _require(cfg.num_threads >= 0, "num_threads", "must be >= 0 (0 picks cores / local ranks)")
     _require(cfg.proxy.n_layer >= 0, "proxy.n_layer", "must be >= 0 (0 keeps all layers)")
+    _require(cfg.proxy.train_pairs == 0 or cfg.proxy.train_pairs >= 20, "proxy.train_pairs",
+             f"must be 0 (all pairs) or at least 20, got {cfg.proxy.train_pairs}")
 
     positive_floats = {
         "testbed.sft_lr": cfg.testbed.sft_lr,

@@ -64,6 +64,7 @@ CONFIG_CASES = [
     ("negative-size", TINY_PPO, ["ppo.steps=-3"], {}, "ppo.steps: must be positive"),
     ("zero-size", TINY_PPO, ["ppo.batch_size=0"], {}, "ppo.batch_size: must be positive"),
     ("zero-members", TINY_PPO, ["proxy.k=0"], {}, "proxy.k: must be positive"),
+    ("too-few-proxy-pairs", TINY_BON, ["proxy.train_pairs=5"], {}, "proxy.train_pairs: must be 0 (all pairs) or at least 20"),
     ("n-above-pool", TINY_BON, ["bon.n_grid=[1,64]"], {}, "bon.n_grid[1]: n=64 must be between 1 and bon.pool_size"),
     ("batch-not-divisible-by-ranks", TINY_PPO, [], {"WORLD_SIZE": "3"}, "cannot be split evenly over 3 ranks"),
     ("minibatch-does-not-divide-batch", TINY_PPO, ["ppo.mini_batch_size=3"], {}, "ppo.mini_batch_size: must divide"),

@@ -79,3 +79,27 @@ def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
     assert again.returncode == 0 and "already completed" in again.stdout
     refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 2 and "already holds a run" in refused.stderr
+
+
+@pytest.mark.slow
+def test_proxies_on_a_subset_of_the_pairs(tiny_testbed, tmp_path):
+    """proxy.train_pairs trains on the first pairs of the train split, in its own cache folder;
+    0 (all pairs) keeps the cache key of ensembles trained before the option existed."""
+    from rlhf_overopt.loops.train_rm import proxy_cache_dir
+
+    base = load_config(ROOT / "configs/tiny/train_rm.yaml", [f"testbed.cache_dir={tiny_testbed.root.parent}"])
+    subset = load_config(ROOT / "configs/tiny/train_rm.yaml",
+                         [f"testbed.cache_dir={tiny_testbed.root.parent}", "proxy.train_pairs=40"])
+    assert proxy_cache_dir(base, tiny_testbed) != proxy_cache_dir(subset, tiny_testbed)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/train_rm.yaml"),
+           f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}", "proxy.train_pairs=40"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(40 train /" in result.stderr
+    trained = Path(json.loads((out / "proxies.json").read_text())["path"])
+    assert trained == proxy_cache_dir(subset, tiny_testbed)
+    assert json.loads((trained / "ensemble.json").read_text())["train_config"]["train_pairs"] == 40
+    too_many = subprocess.run(cmd[:-1] + ["proxy.train_pairs=100000", f"output_dir={tmp_path / 'bad'}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert too_many.returncode == 2 and "exceeds the" in too_many.stderr

@@ -35,6 +35,8 @@ def proxy_cache_dir(cfg: Config, testbed) -> Path:
     settings = to_dict(cfg.proxy)
     for key in ("path", "score_batch_size", "on_failed_member"):
         settings.pop(key, None)
+    if settings.get("train_pairs") == 0:
+        settings.pop("train_pairs")  # "all pairs" keeps the cache keys of ensembles trained before the option
     key = json.dumps({"proxy": settings, "policy": cfg.policy.path, "testbed": testbed.root.name,
                       "seed": cfg.seed, "version": PROXY_CACHE_VERSION}, sort_keys=True)
     return testbed.root.parent / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -54,6 +56,10 @@ def _train(cfg: Config, testbed, out_dir: Path, device) -> None:
 
     # 1. data
     train, val = split_prefs(testbed.load_prefs(), cfg.seed)
+    if cfg.proxy.train_pairs:
+        if cfg.proxy.train_pairs > len(train):
+            raise InputError(f"proxy.train_pairs={cfg.proxy.train_pairs} exceeds the {len(train)} pairs of the train split")
+        train = train.select(range(cfg.proxy.train_pairs))
     tokenizer = testbed.load_tokenizer()
     backbone = str(testbed.policy_dir) if cfg.proxy.backbone == "policy" else cfg.proxy.backbone
 
