@@ -495,10 +495,11 @@ class ProxyEnsemble:
         *,
         standardized: bool | None = None,
         method: str | None = None,
+        progress: str = "",
     ) -> torch.Tensor:
         """Member scores of `prompt + response` texts (+ EOS where `ended`). Returns (K, B)."""
         seqs = tokenize_for_reward(self.tokenizer, prompts, responses, ended, self.max_length)
-        return self.score_sequences(seqs, standardized=standardized, method=method)
+        return self.score_sequences(seqs, standardized=standardized, method=method, progress=progress)
 
     @torch.no_grad()
     def score_sequences(
@@ -507,18 +508,24 @@ class ProxyEnsemble:
         *,
         standardized: bool | None = None,
         method: str | None = None,
+        progress: str = "",
     ) -> torch.Tensor:
         """Member scores of unpadded token-id lists (reward-model input). Returns (K, B).
 
         Sequences are sorted by length before batching so each chunk pads little; the result is
-        in input order.
+        in input order. `progress`, when non-empty, shows a progress bar with that description.
         """
         seqs = list(sequences)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         method = method or self.score_method
         standardized = self.standardize if standardized is None else standardized
         out = torch.zeros(self.k, len(seqs), device=self.device)
-        for start in range(0, len(order), self.score_batch_size):
+        starts = range(0, len(order), self.score_batch_size)
+        if progress:
+            from rlhf_overopt.progress import bar
+
+            starts = bar(starts, desc=progress, unit="batch")
+        for start in starts:
             idx = order[start : start + self.score_batch_size]
             ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id)
             out[:, idx] = self.score_ids(ids, mask, standardized=False, method=method)

@@ -167,6 +167,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    progress: str = "",
 ) -> Rollout:
     """Sample one response per prompt and return it with its sampling log-probs.
 
@@ -181,6 +182,7 @@ def generate(
 
     prompts: B strings, or a PromptBatch already tokenized (left-padded).
     batch_size: prompts per forward pass (all at once when None).
+    progress: when non-empty, a progress bar over the batches with this description.
     Returns a Rollout with query (B, Tq) and response (B, Tr) tensors on the model's device,
     Tr <= max_new_tokens.
     """
@@ -208,7 +210,12 @@ def generate(
     model.eval()
     try:
         chunks: list[Rollout] = []
-        for start in range(0, n, step):
+        starts = range(0, n, step)
+        if progress:
+            from rlhf_overopt.progress import bar
+
+            starts = bar(starts, desc=progress, unit="batch")
+        for start in starts:
             ids = query_ids[start : start + step].to(device)
             mask = query_mask[start : start + step].to(device)
             # Drop the columns that are padding in every row of this chunk: less compute, same

@@ -112,15 +112,19 @@ def run(ctx: RunContext) -> dict[str, Any]:
         # 2. pool: N samples per prompt, prompt-major
         t = time.time()
         queries = [prompts[i] for i in share for _ in range(b.pool_size)]
+        log.info("best-of-n: sampling %d responses (%d prompts x pool %d on this rank), then scoring them with "
+                 "%d proxies and gold", len(queries), len(share), b.pool_size, ensemble.k)
         generator = torch.Generator(device=info.device).manual_seed(cfg.seed * 1_000_003 + info.rank)
         rollout = generate(policy, tokenizer, queries, max_new_tokens=b.max_new_tokens, temperature=b.temperature,
-                           top_p=b.top_p, generator=generator, batch_size=b.batch_size)
+                           top_p=b.top_p, generator=generator, batch_size=b.batch_size,
+                           progress="best-of-n pool" if info.is_main else "")
         del policy
         timings["generate_s"] = time.time() - t
         ended = rollout.ended.cpu().tolist()
         # 3. score once: every member and gold
         t = time.time()
-        members = ensemble.score_texts(rollout.prompts, rollout.responses, ended).float().cpu()  # (K, P*N)
+        members = ensemble.score_texts(rollout.prompts, rollout.responses, ended,
+                                       progress="proxy scores" if info.is_main else "").float().cpu()  # (K, P*N)
         timings["score_proxies_s"] = time.time() - t
         t = time.time()
         gold_scores = gold.score(rollout.prompts, rollout.responses, ended).float().cpu()
