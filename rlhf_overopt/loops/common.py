@@ -21,7 +21,7 @@ import torch
 from rlhf_overopt import dist
 from rlhf_overopt.config import Config
 from rlhf_overopt.errors import InputError, NonFiniteError
-from rlhf_overopt.runs import RunDir, summarize_curves
+from rlhf_overopt.runs import RunDir, read_jsonl, summarize_curves, write_jsonl
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -47,6 +47,42 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+STEP_LOGS = ("train_stats.jsonl", "samples.jsonl")
+"""Per-step logs that a resumed run cuts back to its checkpoint along with curves.jsonl."""
+
+
+def truncate_logs(run: RunDir, step: int, extra_logs: tuple[str, ...] = ()) -> None:
+    """Drop rows logged after `step` (-1: all rows) from curves.jsonl and the per-step logs:
+    a resumed run produces them again."""
+    run.truncate_curves(step)
+    for name in STEP_LOGS + extra_logs:
+        path = run.root / name
+        if run.writable and path.exists():
+            write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
+
+
+def resume_step(ctx: RunContext, checkpointer: Any, load: Callable[[dict[str, Any]], int],
+                extra_logs: tuple[str, ...] = ()) -> tuple[int, dict[str, Any] | None]:
+    """(step to start from, checkpoint state) for a driver loop.
+
+    A new run starts at 0. A resumed run loads `checkpointer.latest()` with `load(state) -> step`
+    and cuts its logs back to that step; one interrupted before its first checkpoint starts over
+    and drops everything it had logged.
+    """
+    if ctx.state != "resume":
+        return 0, None
+    state = checkpointer.latest()
+    start = 0 if state is None else load(state)
+    if ctx.dist.is_main:
+        truncate_logs(ctx.run, start if state is not None else -1, extra_logs)
+    dist.barrier()
+    if state is None:
+        log.info("resume: no checkpoint yet, starting over")
+    else:
+        log.info("resumed at step %d", start)
+    return start, state
 
 
 def uses_testbed(cfg: Config) -> bool:

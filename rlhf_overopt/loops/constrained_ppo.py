@@ -59,14 +59,14 @@ from rlhf_overopt.engines import (
     train_engine,
 )
 from rlhf_overopt.kl import AdaptiveKLController, FixedKLController, kl_penalty_per_token, sequence_kl
-from rlhf_overopt.loops.common import InputError, RunContext
+from rlhf_overopt.loops.common import InputError, RunContext, resume_step
 from rlhf_overopt.loops.ppo import Checkpointer, global_token_count, global_whiten, step_generator
 from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_overopt.masking import last_index, masked_mean, position_ids_from_mask
 from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
 from rlhf_overopt.records import Rollout
 from rlhf_overopt.rollout import generate, sequence_logprobs
-from rlhf_overopt.runs import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from rlhf_overopt.runs import append_jsonl, atomic_write_json, read_jsonl
 from rlhf_overopt.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
@@ -495,22 +495,10 @@ def save_checkpoint(s: Session, step: int, state: dict[str, Any]) -> None:
 
 def resume(s: Session) -> tuple[int, dict[str, Any] | None]:
     """(start step, driver state) from the last complete checkpoint; logs past it are dropped."""
-    if s.ctx.state != "resume":
-        return 0, None
-    state = s.checkpointer.latest()
-    start = 0 if state is None else s.checkpointer.load(state, s.policy_engine, s.value_engine, s.kl_ctl)
-    extra = None if state is None else json.loads((s.checkpointer.root / f"composite_step_{start}.json").read_text())
-    run = s.ctx.run
-    if s.ctx.dist.is_main:
-        # rows past the checkpoint (all rows, without one) will be produced again
-        keep = start if state is not None else -1
-        run.truncate_curves(keep)
-        for name in ("train_stats.jsonl", "samples.jsonl", NM_PATH_FILE):
-            path = run.root / name
-            if path.exists():
-                write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= keep])
-    dist.barrier()
-    log.info("resumed at step %d", start)
+    ckpt = s.checkpointer
+    start, state = resume_step(s.ctx, ckpt, lambda st: ckpt.load(st, s.policy_engine, s.value_engine, s.kl_ctl),
+                               extra_logs=(NM_PATH_FILE,))
+    extra = None if state is None else json.loads((ckpt.root / f"composite_step_{start}.json").read_text())
     return start, extra
 
 

@@ -45,8 +45,8 @@ from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import Config
 from rlhf_overopt.curves import check_finite, evaluate_policy
 from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, gathered, train_engine
-from rlhf_overopt.loops.common import InputError, RunContext
-from rlhf_overopt.loops.ppo import Checkpointer, _truncate_logs, step_generator
+from rlhf_overopt.loops.common import InputError, RunContext, resume_step
+from rlhf_overopt.loops.ppo import Checkpointer, step_generator
 from rlhf_overopt.losses import madpo_weights, preference_loss
 from rlhf_overopt.models import context_length, load_causal_lm, load_tokenizer
 from rlhf_overopt.preferences import (
@@ -271,16 +271,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # resume from the last complete checkpoint
     ckpt = PolicyCheckpointer(ctx.run.checkpoints)
-    start = 0
-    state = ckpt.latest() if ctx.state == "resume" else None
-    if state is not None:
-        start = ckpt.load_policy(state, policy_engine)
-        if info.is_main:
-            _truncate_logs(ctx.run, start)
-        log.info("resumed at step %d", start)
-    elif ctx.state == "resume" and info.is_main:
-        # interrupted before its first checkpoint: it starts over, so drop what it had logged
-        _truncate_logs(ctx.run, -1)
+    start, _ = resume_step(ctx, ckpt, lambda state: ckpt.load_policy(state, policy_engine))
     tracker = Tracker(cfg, enabled=info.is_main)
     gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
     extra = {"beta": d.beta, "loss_type": d.loss_type, "quality": data_info.get("quality", "user"),

@@ -34,13 +34,13 @@ from rlhf_overopt.curves import check_finite, evaluate_policy, score_proxies
 from rlhf_overopt.engines import (ds_config, ensure_process_group, frozen_model, gathered, local_parameter_count,
                                   train_engine)
 from rlhf_overopt.kl import AdaptiveKLController, FixedKLController, kl_penalty_per_token
-from rlhf_overopt.loops.common import InputError, RunContext
+from rlhf_overopt.loops.common import InputError, RunContext, resume_step
 from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_overopt.masking import last_index, masked_mean, whiten_from_moments
 from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
 from rlhf_overopt.records import Rollout
 from rlhf_overopt.rollout import ValueModel, generate, response_values, sequence_logprobs
-from rlhf_overopt.runs import atomic_write_json, read_jsonl, write_jsonl
+from rlhf_overopt.runs import atomic_write_json
 from rlhf_overopt.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
@@ -165,15 +165,6 @@ class Checkpointer:
         return int(state["step"])
 
 
-def _truncate_logs(run, step: int) -> None:
-    """Drop rows logged after the checkpoint being resumed (they will be produced again)."""
-    run.truncate_curves(step)
-    for name in ("train_stats.jsonl", "samples.jsonl"):
-        path = run.root / name
-        if run.writable and path.exists():
-            write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
-
-
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
     from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies, first_member_backbone
@@ -226,16 +217,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # resume from the last complete checkpoint
     ckpt = Checkpointer(ctx.run.checkpoints)
-    start = 0
-    state = ckpt.latest() if ctx.state == "resume" else None
-    if state is not None:
-        start = ckpt.load(state, policy_engine, value_engine, kl_ctl)
-        if info.is_main:
-            _truncate_logs(ctx.run, start)
-        log.info("resumed at step %d", start)
-    elif ctx.state == "resume" and info.is_main:
-        # interrupted before its first checkpoint: it starts over, so drop what it had logged
-        _truncate_logs(ctx.run, -1)
+    start, _ = resume_step(ctx, ckpt, lambda state: ckpt.load(state, policy_engine, value_engine, kl_ctl))
     tracker = Tracker(cfg, enabled=info.is_main)
     gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
 
