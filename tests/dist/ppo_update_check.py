@@ -83,6 +83,8 @@ def main() -> None:
     policy_engine = train_engine(policy, lr=1e-3, total_steps=10, final_ratio=1.0, config=engine_cfg)
     value_engine = train_engine(value, lr=1e-3, total_steps=10, final_ratio=1.0, config=engine_cfg)
     counts = dist.all_gather_cat(torch.tensor([local_parameter_count(policy_engine.module)]))
+    # parameters ZeRO-3 keeps whole on every rank (below its persistence threshold)
+    persistent = sum(p.ds_numel for p in policy_engine.module.parameters() if getattr(p, "ds_persist", False))
     stats = ppo_update(policy_engine, value_engine, batch, cfg=cfg, micro_batch=per,
                        generator=step_generator(0, 0, 1), step=0)
     with gathered(policy_engine.module, stage):
@@ -90,7 +92,7 @@ def main() -> None:
     with gathered(value_engine.module, stage):
         params.update({f"value.{k}": v.detach().clone() for k, v in value_engine.module.named_parameters()})
     if info.is_main:
-        torch.save({"params": params, "local_params": counts.tolist(),
+        torch.save({"params": params, "local_params": counts.tolist(), "persistent_params": persistent,
                     "total_params": sum(p.numel() for n, p in params.items() if not n.startswith("value."))}, out)
         print(json.dumps({"world": world, "stage": stage, "local_params": counts.tolist(), "stats": stats}))
 
