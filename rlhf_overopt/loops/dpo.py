@@ -187,6 +187,41 @@ def load_pairs(ctx: RunContext, gold, tokenizer) -> tuple[dict[str, list[Any]], 
 # ---------------------------------------------------------------------------------------------
 
 
+def preference_step(policy_engine, reference, batch, idx: torch.Tensor, ref_logps: torch.Tensor | None,
+                    weights: torch.Tensor | None, d, step: int) -> dict[str, float]:
+    """One optimizer step of the DPO family on this rank's pairs `batch` (global indices `idx`).
+
+    Log-probs of chosen and rejected under the policy (with gradients) and the reference (from
+    `ref_logps (2, M)` when precomputed, else a no-grad forward), optional length normalization,
+    the family loss with optional MADPO weights, backward and step. Returns the step's statistics
+    averaged over ranks: loss, reward accuracy (implicit reward margin > 0), chosen and rejected
+    implicit rewards beta * (log pi - log pi_ref), and their margin.
+    """
+    policy_engine.train()
+    policy_chosen, policy_rejected = pair_logprobs(policy_engine, batch)
+    if ref_logps is not None:
+        ref_chosen, ref_rejected = (ref_logps[:, idx].to(policy_chosen.device)).unbind(0)
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = pair_logprobs(reference, batch)
+    if d.length_normalize:
+        len_chosen, len_rejected = pair_lengths(batch)
+        policy_chosen, ref_chosen = policy_chosen / len_chosen, ref_chosen / len_chosen
+        policy_rejected, ref_rejected = policy_rejected / len_rejected, ref_rejected / len_rejected
+    w = weights[idx].to(policy_chosen.device) if weights is not None else None
+    loss, _, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type, weights=w)
+    check_finite(loss, f"{d.loss_type} loss", step)
+    policy_engine.backward(loss)
+    policy_engine.step()
+    margin = chosen_rewards - rejected_rewards
+    local = torch.stack([loss.detach(), (margin > 0).float().mean(), chosen_rewards.mean(),
+                         rejected_rewards.mean(), margin.mean()]).cpu()
+    means = dist.all_reduce_mean(local)
+    return {"loss": float(means[0]), "reward_accuracy": float(means[1]), "chosen_reward": float(means[2]),
+            "rejected_reward": float(means[3]), "reward_margin": float(means[4])}
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
     from rlhf_overopt.loops.train_rm import ensure_proxies
@@ -306,34 +341,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
         # 4. batch: this rank's share of the step's global batch
         idx = batch_indices(step, steps_per_epoch, d.batch_size, n_pairs, cfg.seed, rank, world)
         batch = collate_pairs(pairs, idx.tolist(), tokenizer.pad_token_id).to(info.device)
-        # 5. log-probs: policy with gradients, reference precomputed or now
-        policy_engine.train()
-        policy_chosen, policy_rejected = pair_logprobs(policy_engine, batch)
-        if ref_logps is not None:
-            ref_chosen, ref_rejected = (ref_logps[:, idx].to(info.device)).unbind(0)
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logprobs(reference, batch)
-        if d.length_normalize:
-            len_chosen, len_rejected = pair_lengths(batch)
-            policy_chosen, ref_chosen = policy_chosen / len_chosen, ref_chosen / len_chosen
-            policy_rejected, ref_rejected = policy_rejected / len_rejected, ref_rejected / len_rejected
-        # 6. loss: per-pair family loss, MADPO weights, mean over this rank's pairs; update
-        w = weights[idx].to(info.device) if weights is not None else None
-        loss, _, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type, weights=w)
-        check_finite(loss, f"{d.loss_type} loss", step)
-        policy_engine.backward(loss)
-        policy_engine.step()
+        # 5-6. log-probs (policy with gradients, reference precomputed or now), loss, update
+        step_stats = preference_step(policy_engine, reference, batch, idx, ref_logps, weights, d, step)
         # 7. log, evaluate, checkpoint
         done = step + 1
-        margin = chosen_rewards - rejected_rewards
-        local = torch.stack([loss.detach(), (margin > 0).float().mean(), chosen_rewards.mean(),
-                             rejected_rewards.mean(), margin.mean()]).cpu()
-        means = dist.all_reduce_mean(local)
-        stats = {"step": done, "epoch": done / steps_per_epoch, "loss": float(means[0]),
-                 "reward_accuracy": float(means[1]), "chosen_reward": float(means[2]),
-                 "rejected_reward": float(means[3]), "reward_margin": float(means[4]),
+        stats = {"step": done, "epoch": done / steps_per_epoch, **step_stats,
                  "lr": policy_engine.get_lr()[0], "time_step_s": time.time() - t0}
         if info.is_main:
             append_jsonl(ctx.run.root / "train_stats.jsonl", [stats])

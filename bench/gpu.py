@@ -1,0 +1,236 @@
+"""GPU: the PPO step's main costs with a Hugging Face-sized policy on one CUDA device.
+
+Skipped (one row) when `torch.cuda.is_available()` is False. Otherwise, on a randomly initialized
+GPT-2 medium-shaped model (24 layers, d 1024, 16 heads, vocabulary 50304: ~355M parameters; no
+download), fed with the testbed's tokenizer and prompts (its token ids are all below 50304):
+
+    matmul peak   best of bf16 and fp32 (TF32 off, torch's default) (n x n) @ (n x n) products,
+                  2 n^3 FLOPs each, best of 5 timed batches of 10 (synchronized)
+    generate      rlhf_overopt.rollout.generate on 64 prompts x 48 new tokens, bf16 weights;
+                  tokens/s = sampled response tokens (B x Tr) / median seconds
+    update        one PPO minibatch (16 rows) optimizer step of policy and value, as
+                  loops.ppo.ppo_update computes it (sequence_logprobs + ppo_policy_loss, response_values +
+                  ppo_value_loss, backward, AdamW), fp32 master weights under bf16 autocast, plain
+                  torch.optim (no DeepSpeed: a CPU gloo group made by another section in this
+                  process must not decide the GPU's backend)
+                  MFU = update FLOPs (bench.ppo_step.update_flops, one epoch of one minibatch)
+                        / seconds / bf16 matmul peak
+    ensemble      proxy scoring of the rollout by a ProxyEnsemble of K = 1 and K = 5 untrained
+                  GPT-2 medium reward models (bf16), the ratio K=5 / K=1
+
+All timings synchronize the device before reading the clock; medians over the context's repeats.
+--quick shrinks the model to 4 x 256 and the batches to a few rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.common import BenchContext, Row, median_time
+
+TITLE = "GPU"
+SECTION = "gpu"
+MFU_TARGET = 0.25
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model shape (GPT-2), batch sizes and the matmul-peak operand size of one GPU run."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab: int
+    gen_batch: int
+    new_tokens: int
+    mini_batch: int
+    peak_n: int
+
+
+FULL = Sizes(n_layer=24, n_embd=1024, n_head=16, vocab=50304, gen_batch=64, new_tokens=48, mini_batch=16, peak_n=8192)
+QUICK = Sizes(n_layer=4, n_embd=256, n_head=4, vocab=50304, gen_batch=8, new_tokens=8, mini_batch=4, peak_n=2048)
+
+
+def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`fn` followed by a device synchronization, so wall time covers the queued kernels."""
+
+    def call() -> Any:
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+    """(median seconds after one warm-up, the last result)."""
+    out: list[Any] = []
+    seconds, _ = median_time(synced(lambda: out.append(fn()), device), repeats)
+    return seconds, out[-1]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10, trials: int = 5) -> float:
+    """Best GFLOP/s of (n x n) @ (n x n) in `dtype`: `trials` timings of `reps` products, synchronized."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    run = synced(lambda: [torch.mm(a, b) for _ in range(reps)], device)
+    run()
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        run()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * n**3 / best / 1e9
+
+
+def gpt2_config(s: Sizes, tokenizer):
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, vocab_size=s.vocab, n_positions=1024,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, num_labels=1)
+
+
+def proxy_ensemble(config, tokenizer, k: int, device: torch.device):
+    """K untrained reward models of the policy's shape (scoring cost does not depend on weights)."""
+    from transformers import GPT2ForSequenceClassification
+
+    from rlhf_overopt.proxy import ProxyEnsemble
+
+    models = []
+    for i in range(k):
+        torch.manual_seed(i)
+        models.append(GPT2ForSequenceClassification(config).to(device, torch.bfloat16).eval())
+    return ProxyEnsemble("independent", tokenizer, [f"member_{i}" for i in range(k)], models=models,
+                         max_length=config.n_positions, standardize=False)
+
+
+def update_step(policy, value, optimizers, ro, old_logprobs, old_values, advantages, returns, cfg, device):
+    """One minibatch optimizer step of policy and value, the computation of loops.ppo.ppo_update."""
+    from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
+    from rlhf_overopt.rollout import response_values, sequence_logprobs
+
+    p = cfg.ppo
+    mask = ro.response_mask
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, mask)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        logprobs = sequence_logprobs(policy, *args, temperature=p.temperature)
+        pg_loss, _ = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, p.clip_range)
+    pg_loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), p.max_grad_norm)
+    optimizers[0].step()
+    optimizers[0].zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        values = response_values(value, *args).float()
+        vf_loss, _ = ppo_value_loss(values, old_values, returns, mask, p.clip_range_value)
+    (p.vf_coef * vf_loss).backward()
+    torch.nn.utils.clip_grad_norm_(value.parameters(), p.max_grad_norm)
+    optimizers[1].step()
+    optimizers[1].zero_grad(set_to_none=True)
+
+
+def measure_generate(ctx: BenchContext, config, tokenizer, device: torch.device, s: Sizes) -> tuple[list[Row], Any]:
+    """Sampling with bf16 weights: (rows, the rollout)."""
+    from transformers import GPT2LMHeadModel
+
+    from rlhf_overopt.rollout import generate
+
+    torch.manual_seed(ctx.config.seed)
+    policy = GPT2LMHeadModel(config).to(device, torch.bfloat16).eval()
+    prompts = list(ctx.testbed.load_prompts()["train"]["prompt"])[: s.gen_batch]
+    seconds, ro = timed(lambda: generate(policy, tokenizer, prompts, max_new_tokens=s.new_tokens,
+                                         generator=torch.Generator(device=device).manual_seed(ctx.config.seed)),
+                        device, ctx.repeats)
+    n_params = sum(q.numel() for q in policy.parameters())
+    rows = [Row(SECTION, "generate", seconds, "s", note=f"{len(prompts)} prompts x {ro.response_ids.shape[1]} tokens, "
+                                                         f"{n_params / 1e6:.0f}M-parameter policy, bf16"),
+            Row(SECTION, "generated tokens/s", ro.response_ids.numel() / seconds, "tok/s", note="B x Tr sampled")]
+    return rows, ro
+
+
+def measure_update(ctx: BenchContext, config, ro, device: torch.device, s: Sizes, peak: float) -> list[Row]:
+    """One PPO minibatch optimizer step of policy and value; its MFU against `peak` (GFLOP/s)."""
+    from transformers import GPT2LMHeadModel, GPT2Model
+
+    from bench.ppo_step import update_flops
+    from rlhf_overopt.rollout import ValueModel
+
+    cfg = ctx.config
+    torch.manual_seed(cfg.seed)
+    policy = GPT2LMHeadModel(config).to(device).train()
+    value = ValueModel(GPT2Model(config)).to(device).train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.ppo.lr, eps=1e-5) for m in (policy, value)]
+    mb = ro.select(list(range(min(s.mini_batch, len(ro)))))
+    mask = mb.response_mask
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    old_logprobs = mb.logprobs.float()
+    old_values = torch.zeros_like(old_logprobs)
+    advantages = torch.randn(mask.shape, generator=generator, device=device) * mask
+    returns = torch.randn(mask.shape, generator=generator, device=device) * mask
+    seconds, _ = timed(lambda: update_step(policy, value, optimizers, mb, old_logprobs, old_values, advantages,
+                                           returns, cfg, device), device, ctx.repeats)
+    flops = update_flops(config, rows=len(mb), query_width=mb.query_ids.shape[1],
+                         response_width=mb.response_ids.shape[1], epochs=1)
+    mfu = flops / seconds / 1e9 / peak
+    return [Row(SECTION, "update (one minibatch, policy + value)", seconds, "s",
+                note=f"{len(mb)} rows x {mb.query_ids.shape[1] + mask.shape[1]} tokens, {flops / 1e12:.3f} TFLOP"),
+            Row(SECTION, "update MFU", mfu, "", ratio=mfu, baseline="bf16 matmul peak",
+                target=f">= {MFU_TARGET:.0%} of the matmul peak", met=mfu >= MFU_TARGET,
+                note=f"{flops / seconds / 1e12:.1f} TFLOP/s")]
+
+
+def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.device) -> list[Row]:
+    """Proxy scoring of the rollout by K = 1 and K = 5 members (K=1 is the K=5 ensemble's first member)."""
+    from rlhf_overopt.curves import score_proxies
+    from rlhf_overopt.proxy import ProxyEnsemble
+
+    ensemble = proxy_ensemble(config, tokenizer, 5, device)
+    single = ProxyEnsemble("independent", tokenizer, ["member_0"], models=ensemble.models[:1],
+                           max_length=ensemble.max_length, standardize=False)
+    ended = ro.ended.tolist()
+    times = {}
+    with torch.no_grad():
+        for k, ens in ((1, single), (5, ensemble)):
+            times[k], _ = timed(lambda e=ens: score_proxies(e, ro.prompts, ro.responses, ended, ctx.config.aggregate, 0),
+                                device, ctx.repeats)
+    return [Row(SECTION, "proxy scoring K=1", times[1], "s", note=f"{len(ro)} responses"),
+            Row(SECTION, "proxy scoring K=5", times[5], "s", ratio=times[5] / times[1], baseline="K=1")]
+
+
+def measure(ctx: BenchContext, device: torch.device, s: Sizes) -> tuple[list[Row], str]:
+    """Every GPU figure on `device` (callable on the CPU with small sizes, to check the code)."""
+    tokenizer = ctx.testbed.load_tokenizer()
+    config = gpt2_config(s, tokenizer)
+    # 1. matmul peaks
+    peak_bf16 = matmul_peak(device, torch.bfloat16, s.peak_n)
+    peak_fp32 = matmul_peak(device, torch.float32, s.peak_n)
+    rows = [Row(SECTION, f"bf16 matmul peak ({s.peak_n}²)", peak_bf16, "GFLOP/s"),
+            Row(SECTION, f"fp32 matmul peak ({s.peak_n}², TF32 off)", peak_fp32, "GFLOP/s")]
+    # 2-4. generate, update, ensemble scoring (each frees its models on return)
+    gen_rows, ro = measure_generate(ctx, config, tokenizer, device, s)
+    rows += gen_rows
+    rows += measure_update(ctx, config, ro, device, s, peak_bf16)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows += measure_ensemble(ctx, config, tokenizer, ro, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    notes = (f"Random-init GPT-2 ({s.n_layer} layers, d {s.n_embd}, {s.n_head} heads, vocabulary {s.vocab}) on "
+             f"{where}, fed with the testbed tokenizer's prompts. Update FLOPs use the PPO step section's formula for "
+             "one epoch over one minibatch; the update is plain torch AdamW (fp32 weights) under bf16 autocast, not a "
+             "DeepSpeed engine. Proxy members are untrained reward models of the policy's shape in bf16.")
+    return rows, notes
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    if not torch.cuda.is_available():
+        return [Row(SECTION, "GPU", 0.0, "", note="skipped: no CUDA device")]
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows, notes = measure(ctx, device, QUICK if ctx.quick else FULL)
+    ctx.extra[f"{SECTION}_notes"] = notes
+    return rows
