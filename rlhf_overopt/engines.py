@@ -128,12 +128,14 @@ def frozen_model(model: nn.Module, *, zero_stage: int, config: dict[str, Any], d
     return engine.module
 
 
-def _zero3_offload(module: nn.Module):
-    """The ZeRO-3 parameter coordinator object that owns `module`'s fetch/release hooks, or None."""
+def _hooked_engine(module: nn.Module):
+    """The ZeRO-3 engine whose per-module fetch/release hooks wrap `module`, or None (no engine
+    registered, or one without the optimizer object that owns the hooks)."""
     ref = _ENGINES.get(module)
     engine = ref() if ref is not None else None
     optimizer = getattr(engine, "optimizer", None)
-    return getattr(optimizer, "parameter_offload", optimizer) if optimizer is not None else None
+    owner = getattr(optimizer, "parameter_offload", optimizer)
+    return engine if owner is not None and hasattr(owner, "forward_hooks") else None
 
 
 @contextlib.contextmanager
@@ -152,18 +154,17 @@ def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        offload = _zero3_offload(module)
-        if offload is None or not hasattr(offload, "forward_hooks"):
+        engine = _hooked_engine(module)
+        if engine is None:
             yield
             return
         from trl.models.utils import add_hooks, remove_hooks
 
-        holder = _ENGINES[module]()
-        remove_hooks(holder)
+        remove_hooks(engine)
         try:
             yield
         finally:
-            add_hooks(holder)
+            add_hooks(engine)
 
 
 def local_parameter_count(module: nn.Module) -> int:

@@ -85,6 +85,27 @@ def resume_step(ctx: RunContext, checkpointer: Any, load: Callable[[dict[str, An
     return start, state
 
 
+class EvalLog:
+    """Where a driver's evaluations go: curves.jsonl, samples.jsonl and the tracker.
+
+    Each row gets `gold_score_initial`, the gold of the step-0 evaluation (read back from
+    curves.jsonl when a run resumes), so curves can be shown relative to the initial policy.
+    """
+
+    def __init__(self, ctx: RunContext, tracker: Any) -> None:
+        self.run, self.tracker = ctx.run, tracker
+        self.gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
+
+    def record(self, step: int, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        if self.gold_initial is None:
+            self.gold_initial = row["gold_score"]
+        row["gold_score_initial"] = self.gold_initial
+        self.run.log_curve(row)
+        self.run.log_samples(samples)
+        self.tracker.log_eval(row)
+        self.tracker.log_samples(step, samples)
+
+
 def uses_testbed(cfg: Config) -> bool:
     return cfg.method == "build_testbed" or "testbed" in (cfg.policy.path, cfg.gold.path, cfg.dpo.dataset)
 

@@ -45,7 +45,7 @@ from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import Config
 from rlhf_overopt.curves import check_finite, evaluate_policy
 from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, gathered, train_engine
-from rlhf_overopt.loops.common import InputError, RunContext, resume_step
+from rlhf_overopt.loops.common import EvalLog, InputError, RunContext, resume_step
 from rlhf_overopt.loops.ppo import Checkpointer, step_generator
 from rlhf_overopt.losses import madpo_weights, preference_loss
 from rlhf_overopt.models import context_length, load_causal_lm, load_tokenizer
@@ -308,22 +308,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ckpt = PolicyCheckpointer(ctx.run.checkpoints)
     start, _ = resume_step(ctx, ckpt, lambda state: ckpt.load_policy(state, policy_engine))
     tracker = Tracker(cfg, enabled=info.is_main)
-    gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
+    eval_log = EvalLog(ctx, tracker)
     extra = {"beta": d.beta, "loss_type": d.loss_type, "quality": data_info.get("quality", "user"),
              **({"margin_aggregator": cfg.madpo.margin_aggregator} if cfg.method == "madpo" else {})}
 
     def evaluate(step: int) -> dict[str, Any]:
-        nonlocal gold_initial
         row, samples = evaluate_policy(
             policy=policy, reference=reference, tokenizer=tokenizer, prompts=eval_share, ensemble=ensemble,
             gold=gold, agg=cfg.aggregate, ev=cfg.eval, zero_stage=stage, seed=cfg.seed * 7919 + rank,
             method=cfg.method, step=step, extra={**extra, "epoch": step / steps_per_epoch})
-        gold_initial = row["gold_score"] if gold_initial is None else gold_initial
-        row["gold_score_initial"] = gold_initial
-        ctx.run.log_curve(row)
-        ctx.run.log_samples(samples)
-        tracker.log_eval(row)
-        tracker.log_samples(step, samples)
+        eval_log.record(step, row, samples)
         log.info("eval step %d (epoch %.2f): gold %.3f proxy %.3f kl %.2f", step, step / steps_per_epoch,
                  row["gold_score"], row["proxy_score"], row["kl"])
         return row

@@ -34,7 +34,7 @@ from rlhf_overopt.curves import check_finite, evaluate_policy, score_proxies
 from rlhf_overopt.engines import (ds_config, ensure_process_group, frozen_model, gathered, local_parameter_count,
                                   train_engine)
 from rlhf_overopt.kl import AdaptiveKLController, FixedKLController, kl_penalty_per_token
-from rlhf_overopt.loops.common import InputError, RunContext, resume_step
+from rlhf_overopt.loops.common import EvalLog, InputError, RunContext, resume_step
 from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_overopt.masking import last_index, masked_mean, whiten_from_moments
 from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
@@ -219,20 +219,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ckpt = Checkpointer(ctx.run.checkpoints)
     start, _ = resume_step(ctx, ckpt, lambda state: ckpt.load(state, policy_engine, value_engine, kl_ctl))
     tracker = Tracker(cfg, enabled=info.is_main)
-    gold_initial = next((r["gold_score"] for r in ctx.run.curves() if r["step"] == 0), None)
+    eval_log = EvalLog(ctx, tracker)
 
     def evaluate(step: int) -> dict[str, Any]:
-        nonlocal gold_initial
         row, samples = evaluate_policy(
             policy=policy, reference=reference, tokenizer=tokenizer, prompts=eval_share, ensemble=ensemble,
             gold=gold, agg=cfg.aggregate, ev=cfg.eval, zero_stage=stage, seed=cfg.seed * 7919 + rank,
             method="ppo", step=step, extra={"kl_coef": kl_ctl.value, "uwo_lambda": cfg.aggregate.uwo_lambda})
-        gold_initial = row["gold_score"] if gold_initial is None else gold_initial
-        row["gold_score_initial"] = gold_initial
-        ctx.run.log_curve(row)
-        ctx.run.log_samples(samples)
-        tracker.log_eval(row)
-        tracker.log_samples(step, samples)
+        eval_log.record(step, row, samples)
         log.info("eval step %d: gold %.3f proxy %.3f kl %.2f", step, row["gold_score"], row["proxy_score"],
                  row["kl"])
         return row
