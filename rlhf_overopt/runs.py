@@ -176,7 +176,9 @@ def check_run_dir(cfg: Config) -> str:
     """Decide, before any work, what to do with cfg.output_dir: 'new', 'resume' or 'completed'.
 
     An existing run is never overwritten: without resume=true it is an error; with resume=true the
-    stored config must match (apart from RESUMABLE_CHANGES).
+    stored config must match (apart from RESUMABLE_CHANGES). A key the stored config lacks was
+    added to the framework after the run started; it matches when it has its default value, since
+    a new key's default keeps the behaviour the run had.
     """
     root = Path(cfg.output_dir)
     config_path = root / "config.yaml"
@@ -196,9 +198,12 @@ def check_run_dir(cfg: Config) -> str:
         raise ConfigError(f"output_dir: {config_path} is unreadable; cannot resume") from None
     stored.pop("_meta", None)
     now, before = _flatten(to_dict(cfg)), _flatten(stored)
+    defaults = _flatten(to_dict(Config()))
     for key in sorted(set(now) | set(before)):
         if key in RESUMABLE_CHANGES:
             continue
+        if key not in before and key in defaults and now[key] == defaults[key]:
+            continue  # a key added to the framework after the run was written, left at its default
         if now.get(key) != before.get(key):
             raise ConfigError(
                 f"{key}: differs from the run being resumed ({before.get(key)!r} there, {now.get(key)!r} now)"

@@ -186,3 +186,20 @@ def test_completed_run_extended_with_more_steps_resumes(tmp_path):
     longer = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true", "ppo.steps=400"])
     assert check_run_dir(same) == "completed"
     assert check_run_dir(longer) == "resume"
+
+
+def test_run_written_before_a_key_existed_resumes_at_its_default(tmp_path):
+    """A key added to the framework after a run was written: its default keeps the run's
+    behaviour, so the run resumes; any other value would change what is computed."""
+    out = tmp_path / "run"
+    cfg = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}"])
+    stored = yaml.safe_load(dump_yaml(cfg))
+    del stored["proxy"]["train_pairs"]  # as written by a version without proxy.train_pairs
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(stored))
+    resumed = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true"])
+    assert check_run_dir(resumed) == "resume"
+    changed = load_config(write(tmp_path, "method: ppo\n"),
+                          [f"output_dir={out}", "resume=true", "proxy.train_pairs=100"])
+    with pytest.raises(ConfigError, match=r"^proxy\.train_pairs: differs from the run being resumed"):
+        check_run_dir(changed)
