@@ -100,9 +100,9 @@ def component_preferences(prompts: Sequence[str], first: Sequence[str], second: 
 
 def components_cache_dir(cfg: Config, testbed) -> Path:
     """<testbed cache>/components-<hash of the component definitions, proxy settings, policy, testbed, seed>."""
-    proxy = to_dict(cfg.proxy)
-    for key in ("path", "score_batch_size", "on_failed_member"):
-        proxy.pop(key, None)
+    from rlhf_overopt.loops.train_rm import proxy_key_settings
+
+    proxy = proxy_key_settings(cfg)
     comp = to_dict(cfg.components)
     comp.pop("path", None)
     key = json.dumps({"components": comp, "proxy": proxy, "policy": cfg.policy.path, "testbed": testbed.root.name,
@@ -185,7 +185,7 @@ def _candidate_pairs(cfg: Config, testbed, device) -> dict[str, list]:
 def _train(cfg: Config, testbed, out_dir: Path, device) -> None:
     """Stages 1-3 of the module docstring for every component, into out_dir/<name>/."""
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import file_lock, split_prefs
+    from rlhf_overopt.loops.train_rm import file_lock, limit_train_pairs, split_prefs
     from rlhf_overopt.proxy import reference_responses, train_ensemble
     from rlhf_overopt.testbed.build import stage_seed
     from rlhf_overopt.testbed.sft import train_sft_policy
@@ -215,6 +215,7 @@ def _train(cfg: Config, testbed, out_dir: Path, device) -> None:
                                       pairs["second_ended"], first[i].tolist(), second[i].tolist(),
                                       comp.label_noise, stage_seed(cfg.seed, f"component-noise-{name}"))
         train, val = split_prefs(prefs, cfg.seed)
+        train = limit_train_pairs(train, cfg.proxy.train_pairs)
         stats[name] = {"terms": comp.terms[i], "candidate_pairs": len(pairs["prompt"]), "pairs": len(prefs),
                        "train_pairs": len(train), "val_pairs": len(val)}
         log.info("component %s (%s): %d of %d pairs carry a preference; training %d %s proxies",

@@ -24,6 +24,7 @@ expects.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,11 +69,39 @@ def load_preference_dataset(path: str | Path, split: str = "train"):
         kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
         if p.suffix not in kinds:
             raise PreferenceDataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(kinds)})")
-        data = load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+        if kinds[p.suffix] != "parquet":
+            lines = _text_lines(p)
+            if lines <= (1 if kinds[p.suffix] == "csv" else 0):  # a CSV's first line is its header
+                raise PreferenceDataError(f"{p}: holds no rows")
+        quiet = logging.getLogger("datasets")  # it logs its own copy of the parse error
+        level, quiet.level = quiet.level, logging.CRITICAL
+        try:
+            data = load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+        except Exception as exc:  # datasets wraps parse errors in DatasetGenerationError
+            cause = exc.__cause__ or exc
+            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise PreferenceDataError(f"{p}: cannot be read as {kinds[p.suffix]} ({detail})") from None
+        finally:
+            quiet.setLevel(level)
     else:
         raise PreferenceDataError(f"{p}: no such file or folder")
     validate_preference_rows(data, source=str(p))
     return data
+
+
+def _text_lines(path: Path) -> int:
+    """Non-blank lines of a text file; raises PreferenceDataError naming the first line that is
+    not valid UTF-8."""
+    count = 0
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                count += bool(line.decode("utf-8").strip())
+            except UnicodeDecodeError as exc:
+                raise PreferenceDataError(
+                    f"{path} line {lineno}: not valid UTF-8 text (byte {line[exc.start]:#04x} at column {exc.start + 1})"
+                ) from None
+    return count
 
 
 def validate_preference_rows(data, source: str = "dataset") -> None:

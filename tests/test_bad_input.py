@@ -195,21 +195,40 @@ def test_proxy_returning_nan_stops_at_that_step(tiny_testbed, nan_proxies, tmp_p
     assert not (out / "curves.jsonl").exists()  # no NaN curve was written
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("problem", ["missing-column", "empty-dataset"])
-def test_bad_preference_dataset(tiny_testbed, tmp_path, problem):
-    from datasets import Dataset
+GOOD_ROW = {"prompt": "The film was", "chosen": " great.", "rejected": " bad."}
+# (case id, file name, its bytes, text the single error line must contain)
+DATA_CASES = [
+    ("missing-column", "prefs.jsonl", b'{"prompt": "The film was", "chosen": " great."}\n',
+     "missing column(s) rejected"),
+    ("empty-dataset", "prefs.csv", b"prompt,chosen,rejected\n", "holds no rows"),
+    ("row-missing-a-field", "prefs.jsonl",
+     b'{"prompt": "The film was", "chosen": " great.", "rejected": " bad."}\n{"prompt": "It was", "rejected": " dull."}\n',
+     "row 1: field 'chosen' is missing"),
+    ("empty-prompt", "prefs.jsonl", b'{"prompt": "   ", "chosen": " great.", "rejected": " bad."}\n',
+     "row 0: field 'prompt' is empty"),
+    ("message-list-not-text", "prefs.jsonl",
+     b'{"prompt": "The film was", "chosen": [{"role": "assistant", "content": "great"}], "rejected": " bad."}\n',
+     "row 0: field 'chosen' must be a string"),
+    ("non-utf8-text", "prefs.jsonl", b'{"prompt": "The film was", "chosen": " gr\xe9at.", "rejected": " bad."}\n',
+     "line 1: not valid UTF-8 text"),
+    ("malformed-json", "prefs.jsonl", b'{"prompt": "The film was", "chosen": " great." "rejected": " bad."}\n',
+     "cannot be read as json"),
+    ("unsupported-file-type", "prefs.txt", b"The film was great.\n", "unsupported file type '.txt'"),
+]
 
-    data = tmp_path / "prefs"
-    rows = {"prompt": ["The film was", "I thought"], "chosen": [" great.", " fine."], "rejected": [" bad.", " dull."]}
-    if problem == "missing-column":
-        rows.pop("rejected")
-    else:
-        rows = {k: [] for k in rows}
-    Dataset.from_dict(rows).save_to_disk(str(data))
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, filename, content, expected", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_preference_data(case, filename, content, expected, tiny_testbed, existing_run, tmp_path):
+    """Bad user preference data stops the run before training with one line naming the file, the
+    row (or line) and the field; the run directory records the failure."""
+    before = tree_digest(existing_run)
+    data = tmp_path / filename
+    data.write_bytes(content)
     out = tmp_path / "run"
     result = run_cli(TINY_DPO, f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}",
                      f"dpo.dataset={data}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert_clean_failure(result, out, expected)
     assert "dpo.dataset" in result.stderr
+    assert not (out / "curves.jsonl").exists()
+    assert tree_digest(existing_run) == before

@@ -234,6 +234,31 @@ def test_tiny_configs_share_the_tiny_testbed():
         assert yaml.safe_load((TINY / f"{name}.yaml").read_text())["testbed"] == section, name
 
 
+def test_component_cache_key_ignores_train_pairs_at_its_default():
+    """Component proxies trained before proxy.train_pairs existed keep their cache folder (the key
+    is the old formula's); a subset of the pairs gets a folder of its own."""
+    import hashlib
+
+    from rlhf_overopt.components import COMPONENTS_CACHE_VERSION, components_cache_dir
+    from rlhf_overopt.config import load_config, to_dict
+
+    class FakeTestbed:
+        root = Path("/cache/testbed-0123")
+
+    cfg = load_config(ROOT / "configs" / "constrained_ppo.yaml", check_paths=False)
+    proxy = to_dict(cfg.proxy)
+    for key in ("path", "score_batch_size", "on_failed_member", "train_pairs"):
+        proxy.pop(key)
+    comp = to_dict(cfg.components)
+    comp.pop("path")
+    old_key = json.dumps({"components": comp, "proxy": proxy, "policy": cfg.policy.path, "testbed": "testbed-0123",
+                          "seed": cfg.seed, "version": COMPONENTS_CACHE_VERSION}, sort_keys=True)
+    expected = Path("/cache") / f"components-{hashlib.sha256(old_key.encode()).hexdigest()[:16]}"
+    assert components_cache_dir(cfg, FakeTestbed) == expected
+    subset = load_config(ROOT / "configs" / "constrained_ppo.yaml", ["proxy.train_pairs=500"], check_paths=False)
+    assert components_cache_dir(subset, FakeTestbed) != expected
+
+
 def test_configs_load_and_reject_bad_combinations():
     from rlhf_overopt.config import ConfigError, load_config
 

@@ -30,14 +30,23 @@ PROXY_CACHE_VERSION = 1
 VAL_FRACTION = 0.1
 
 
-def proxy_cache_dir(cfg: Config, testbed) -> Path:
-    """<testbed cache>/proxies-<hash of what determines the trained weights>."""
+def proxy_key_settings(cfg: Config) -> dict[str, Any]:
+    """The proxy settings that determine trained weights, as they enter a cache key.
+
+    Settings that only steer scoring are left out, and so is `train_pairs` at 0 ("all pairs"):
+    caches written before the option existed keep their keys.
+    """
     settings = to_dict(cfg.proxy)
     for key in ("path", "score_batch_size", "on_failed_member"):
         settings.pop(key, None)
     if settings.get("train_pairs") == 0:
-        settings.pop("train_pairs")  # "all pairs" keeps the cache keys of ensembles trained before the option
-    key = json.dumps({"proxy": settings, "policy": cfg.policy.path, "testbed": testbed.root.name,
+        settings.pop("train_pairs")
+    return settings
+
+
+def proxy_cache_dir(cfg: Config, testbed) -> Path:
+    """<testbed cache>/proxies-<hash of what determines the trained weights>."""
+    key = json.dumps({"proxy": proxy_key_settings(cfg), "policy": cfg.policy.path, "testbed": testbed.root.name,
                       "seed": cfg.seed, "version": PROXY_CACHE_VERSION}, sort_keys=True)
     return testbed.root.parent / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -50,16 +59,22 @@ def split_prefs(prefs, seed: int):
     return parts["train"], parts["test"]
 
 
+def limit_train_pairs(train, train_pairs: int):
+    """The first `train_pairs` pairs of the (shuffled) train split; 0 keeps them all."""
+    if not train_pairs:
+        return train
+    if train_pairs > len(train):
+        raise InputError(f"proxy.train_pairs={train_pairs} exceeds the {len(train)} pairs of the train split")
+    return train.select(range(train_pairs))
+
+
 def _train(cfg: Config, testbed, out_dir: Path, device) -> None:
     from rlhf_overopt.proxy import train_ensemble
     from rlhf_overopt.testbed.sft import train_sft_policy
 
     # 1. data
     train, val = split_prefs(testbed.load_prefs(), cfg.seed)
-    if cfg.proxy.train_pairs:
-        if cfg.proxy.train_pairs > len(train):
-            raise InputError(f"proxy.train_pairs={cfg.proxy.train_pairs} exceeds the {len(train)} pairs of the train split")
-        train = train.select(range(cfg.proxy.train_pairs))
+    train = limit_train_pairs(train, cfg.proxy.train_pairs)
     tokenizer = testbed.load_tokenizer()
     backbone = str(testbed.policy_dir) if cfg.proxy.backbone == "policy" else cfg.proxy.backbone
 
