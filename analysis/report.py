@@ -141,13 +141,7 @@ def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, An
             pass
         chosen = resolve_form(curve.method, form)
         row["form"] = chosen
-        fitter, peak = _FITTERS[chosen]
-        try:
-            alpha, beta, r2 = fitter(curve.sqrt_kl, curve.gold)
-        except ValueError:
-            row.update(fit_alpha=None, fit_beta=None, fit_r2=None, predicted_peak_sqrt_kl=None)
-        else:
-            row.update(fit_alpha=alpha, fit_beta=beta, fit_r2=r2, predicted_peak_sqrt_kl=peak(alpha, beta))
+        row.update(_fit_row(chosen, curve.sqrt_kl, curve.gold))
         rows.append(row)
     return rows
 
@@ -218,7 +212,33 @@ _GROUP_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("fit_beta", "pooled fit β", "number"),
     ("fit_r2", "pooled fit R²", "number"),
     ("predicted_peak_sqrt_kl", "predicted peak d", "number"),
+    ("peaks_fit_alpha", "run-peaks fit α", "number"),
+    ("peaks_fit_beta", "run-peaks fit β", "number"),
+    ("peaks_fit_r2", "run-peaks fit R²", "number"),
+    ("peaks_predicted_peak_sqrt_kl", "run-peaks predicted peak d", "number"),
 )
+
+
+def _fit_row(form: str, d: np.ndarray, gold: np.ndarray, prefix: str = "") -> dict[str, Any]:
+    """alpha, beta, R^2 and predicted peak of Gao's `form` fitted to (d, gold); None where the
+    fit is not identifiable."""
+    fitter, peak = _FITTERS[form]
+    try:
+        alpha, beta, r2 = fitter(d, gold)
+    except ValueError:
+        return {f"{prefix}fit_alpha": None, f"{prefix}fit_beta": None, f"{prefix}fit_r2": None,
+                f"{prefix}predicted_peak_sqrt_kl": None}
+    return {f"{prefix}fit_alpha": alpha, f"{prefix}fit_beta": beta, f"{prefix}fit_r2": r2,
+            f"{prefix}predicted_peak_sqrt_kl": peak(alpha, beta)}
+
+
+def _run_peak(curve: Curve) -> tuple[float, float] | None:
+    """(d, gold) of a curve's highest finite gold point, or None."""
+    finite = np.isfinite(curve.sqrt_kl) & np.isfinite(curve.gold)
+    if not np.any(finite):
+        return None
+    best = int(np.argmax(np.where(finite, curve.gold, -np.inf)))
+    return float(curve.sqrt_kl[best]), float(curve.gold[best])
 
 
 def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:
@@ -229,7 +249,11 @@ def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[s
       initial policy over all runs (the largest optimization budget the sweep spent);
     - drop_from_best_peak = best_peak_gold - gold_at_largest_kl;
     - a Gao et al. form fitted to all points of all runs together (gold relative to the initial
-      policy, which every run of a sweep shares): alpha, beta, R^2 and the predicted peak d.
+      policy, which every run of a sweep shares): alpha, beta, R^2 and the predicted peak d;
+    - the same form fitted to one point per run, its gold peak (`peaks_fit_*`): the view of a
+      budget sweep in which each run's coefficient (beta, kl_coef) is one KL budget, as in
+      Rafailov et al. (2024), whose DPO runs wander in KL within a run (the pooled fit is poor
+      there); needs at least three runs.
     """
     groups: dict[tuple[str, str | None], list[Curve]] = {}
     for curve in _sorted_curves(curves):
@@ -256,13 +280,10 @@ def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[s
             )
         chosen = resolve_form(method, form)
         row["form"] = chosen
-        fitter, peak = _FITTERS[chosen]
-        try:
-            alpha, beta, r2 = fitter(d, gold)
-        except ValueError:
-            row.update(fit_alpha=None, fit_beta=None, fit_r2=None, predicted_peak_sqrt_kl=None)
-        else:
-            row.update(fit_alpha=alpha, fit_beta=beta, fit_r2=r2, predicted_peak_sqrt_kl=peak(alpha, beta))
+        row.update(_fit_row(chosen, d, gold))
+        peaks = [p for p in map(_run_peak, group) if p is not None]
+        if len(peaks) >= 3:
+            row.update(_fit_row(chosen, np.array([p[0] for p in peaks]), np.array([p[1] for p in peaks]), "peaks_"))
         rows.append(row)
     return rows
 
@@ -281,7 +302,8 @@ def format_group_table(rows: Sequence[Mapping[str, Any]]) -> str:
 _GROUP_NOTE = (
     "\nOne row per method and aggregator, pooling every run of the sweep (e.g. every KL coefficient). "
     "Gold and proxy are relative to the initial policy; d = sqrt(KL(π‖π_init)). The pooled fit is "
-    "Gao et al.'s form fitted to the points of all runs together.\n"
+    "Gao et al.'s form fitted to the points of all runs together; the run-peaks fit uses one point per run, "
+    "its gold peak (each run one budget, e.g. one beta).\n"
 )
 
 

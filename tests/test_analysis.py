@@ -379,3 +379,28 @@ def test_wandb_upload_uses_config_section_and_offline_mode(
     assert len(logged["overoptimization_table"][2]) == 4
     (artifact,) = calls["artifacts"]
     assert any(path.endswith("table.md") for path in artifact.files) and calls["finished"]
+
+
+def test_group_table_fits_one_peak_per_run(tmp_path: Path) -> None:
+    """A budget sweep whose runs peak exactly on Gao's RL form, each wandering in KL after its
+    peak (as DPO runs do): the run-peaks fit recovers alpha and beta; the pooled fit cannot."""
+    from analysis.load import load_runs
+    from analysis.report import build_group_rows
+
+    alpha, beta = 0.5, 0.2
+    for i, peak_d in enumerate((1.0, 2.0, 4.0, 6.0)):
+        peak_gold = float(rl_form(peak_d, alpha, beta))
+        path = [(0.0, 0.0), (peak_d * 1.5, -0.3), (peak_d, peak_gold), (peak_d * 0.7, peak_gold - 0.4)]
+        rows = [{"method": "dpo", "step": step, "kl": d * d, "sqrt_kl": d, "proxy_score": d,
+                 "proxy_member_scores": [d], "gold_score": g, "beta": 0.1 * (i + 1)}
+                for step, (d, g) in enumerate(path)]
+        _write_run(tmp_path / "sweep" / f"b{i}", rows, {"method": "dpo", "dpo": {"beta": 0.1 * (i + 1)}})
+    (row,) = build_group_rows(load_runs([tmp_path / "sweep"]))
+    assert row["runs"] == 4
+    assert row["peaks_fit_alpha"] == pytest.approx(alpha, abs=1e-9)
+    assert row["peaks_fit_beta"] == pytest.approx(beta, abs=1e-9)
+    assert row["peaks_fit_r2"] == pytest.approx(1.0, abs=1e-12)
+    assert row["peaks_predicted_peak_sqrt_kl"] == pytest.approx(math.exp(alpha / beta - 1.0))
+    assert row["fit_r2"] < 0.9
+    two = build_group_rows(load_runs([tmp_path / "sweep" / "b0", tmp_path / "sweep" / "b1"]))[0]
+    assert two.get("peaks_fit_r2") is None  # fewer than three runs: no run-peaks fit
