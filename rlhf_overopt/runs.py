@@ -208,6 +208,12 @@ def check_run_dir(cfg: Config) -> str:
             raise ConfigError(
                 f"{key}: differs from the run being resumed ({before.get(key)!r} there, {now.get(key)!r} now)"
             )
+    if now.get("ppo.steps") != before.get("ppo.steps") and now.get("ppo.lr_final_ratio", 1.0) != 1.0:
+        raise ConfigError(
+            f"ppo.steps: cannot change on resume ({before.get('ppo.steps')!r} there, {now.get('ppo.steps')!r} now) "
+            f"while ppo.lr_final_ratio={now.get('ppo.lr_final_ratio')} decays the learning rate over ppo.steps; "
+            "the schedule would jump (start a new run instead)"
+        )
     summary = root / "summary.json"
     if summary.exists():
         try:

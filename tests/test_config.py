@@ -203,3 +203,18 @@ def test_run_written_before_a_key_existed_resumes_at_its_default(tmp_path):
                           [f"output_dir={out}", "resume=true", "proxy.train_pairs=100"])
     with pytest.raises(ConfigError, match=r"^proxy\.train_pairs: differs from the run being resumed"):
         check_run_dir(changed)
+
+
+def test_more_steps_on_resume_refused_under_a_decaying_learning_rate(tmp_path):
+    """The cosine schedule spans ppo.steps: extending a run whose learning rate decays would make
+    it jump back up, which neither a longer nor the original run does."""
+    out = tmp_path / "run"
+    base = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "ppo.lr_final_ratio=0.1"])
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(base))
+    longer = load_config(write(tmp_path, "method: ppo\n"),
+                         [f"output_dir={out}", "resume=true", "ppo.lr_final_ratio=0.1", "ppo.steps=400"])
+    with pytest.raises(ConfigError, match=r"^ppo\.steps: cannot change on resume .* ppo\.lr_final_ratio=0\.1"):
+        check_run_dir(longer)
+    same = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true", "ppo.lr_final_ratio=0.1"])
+    assert check_run_dir(same) == "resume"
