@@ -72,6 +72,33 @@ def cosine_schedule(total_steps: int, final_ratio: float) -> Callable[[int], flo
     return factor
 
 
+def checked_step(engine, what: str, step: int) -> None:
+    """`engine.step()`, refusing a non-finite gradient: raises NonFiniteError naming `what` and
+    the training step, with the model's weights as they were before this update.
+
+    At ZeRO stage 0 the reduced gradients sit on the parameters after `backward`, and DeepSpeed
+    would apply NaN/inf ones (and clip with a NaN coefficient), so their total norm is checked
+    first and the gradients are dropped. At stages 1-3 DeepSpeed's own overflow check skips the
+    update; its global gradient norm tells that it happened.
+    """
+    from rlhf_overopt.errors import NonFiniteError
+
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not torch.isfinite(norm):
+            engine.zero_grad()
+            raise NonFiniteError(f"step {step}: {what} gradient is not finite (norm {float(norm)}); "
+                                 "the update was not applied")
+        engine.step()
+        return
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    if norm is not None and not math.isfinite(float(norm)):
+        raise NonFiniteError(f"step {step}: {what} gradient is not finite (norm {float(norm)}); "
+                             "DeepSpeed skipped the update")
+
+
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 """module -> its DeepSpeed engine (weakly), so `gathered(module)` can reach the engine's ZeRO-3 hooks."""
 

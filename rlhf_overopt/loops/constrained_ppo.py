@@ -51,6 +51,7 @@ from rlhf_overopt.config import Config
 from rlhf_overopt.constrained import mixed_advantages, multiplier_loss, squash_multipliers, stream_returns
 from rlhf_overopt.curves import check_finite, score_gold
 from rlhf_overopt.engines import (
+    checked_step,
     ds_config,
     ensure_process_group,
     frozen_model,
@@ -361,7 +362,7 @@ def update(s: Session, batch: StreamBatch, *, step: int, advantages_for: Callabl
                                                 p.clip_range)
             check_finite(pg_loss, "policy loss", step)
             s.policy_engine.backward(pg_loss * scale)
-            s.policy_engine.step()
+            checked_step(s.policy_engine, "policy", step)
 
             values = stream_values(s.value_engine, mb.query_ids, mb.query_mask, mb.response_ids, mask)
             vf_loss, vf_stats = ppo_value_loss(values.flatten(0, 1), batch.old_values[:, idx].flatten(0, 1),
@@ -369,7 +370,7 @@ def update(s: Session, batch: StreamBatch, *, step: int, advantages_for: Callabl
                                                p.clip_range_value)
             check_finite(vf_loss, "value loss", step)
             s.value_engine.backward(p.vf_coef * vf_loss * scale)
-            s.value_engine.step()
+            checked_step(s.value_engine, "value", step)
 
             extra = after_minibatch(idx) if after_minibatch is not None else {}
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss,

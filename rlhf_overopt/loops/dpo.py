@@ -44,7 +44,14 @@ from rlhf_overopt import dist
 from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import Config
 from rlhf_overopt.curves import check_finite, evaluate_policy
-from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, gathered, train_engine
+from rlhf_overopt.engines import (
+    checked_step,
+    ds_config,
+    ensure_process_group,
+    frozen_model,
+    gathered,
+    train_engine,
+)
 from rlhf_overopt.loops.common import EvalLog, InputError, RunContext, resume_step
 from rlhf_overopt.loops.ppo import Checkpointer, step_generator
 from rlhf_overopt.losses import madpo_weights, preference_loss
@@ -213,7 +220,7 @@ def preference_step(policy_engine, reference, batch, idx: torch.Tensor, ref_logp
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type, weights=w)
     check_finite(loss, f"{d.loss_type} loss", step)
     policy_engine.backward(loss)
-    policy_engine.step()
+    checked_step(policy_engine, "policy", step)
     margin = chosen_rewards - rejected_rewards
     local = torch.stack([loss.detach(), (margin > 0).float().mean(), chosen_rewards.mean(),
                          rejected_rewards.mean(), margin.mean()]).cpu()

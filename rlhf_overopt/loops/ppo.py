@@ -31,8 +31,15 @@ from rlhf_overopt import dist
 from rlhf_overopt.advantages import gae
 from rlhf_overopt.config import Config
 from rlhf_overopt.curves import check_finite, evaluate_policy, score_proxies
-from rlhf_overopt.engines import (ds_config, ensure_process_group, frozen_model, gathered, local_parameter_count,
-                                  train_engine)
+from rlhf_overopt.engines import (
+    checked_step,
+    ds_config,
+    ensure_process_group,
+    frozen_model,
+    gathered,
+    local_parameter_count,
+    train_engine,
+)
 from rlhf_overopt.kl import AdaptiveKLController, FixedKLController, kl_penalty_per_token
 from rlhf_overopt.loops.common import EvalLog, InputError, RunContext, resume_step
 from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
@@ -105,14 +112,14 @@ def ppo_update(policy_engine, value_engine, batch: PPOBatch, *, cfg: Config, mic
                                                 p.clip_range)
             check_finite(pg_loss, "policy loss", step)
             policy_engine.backward(pg_loss * scale)
-            policy_engine.step()
+            checked_step(policy_engine, "policy", step)
 
             values = response_values(value_engine, mb.query_ids, mb.query_mask, mb.response_ids, mask)
             vf_loss, vf_stats = ppo_value_loss(values, batch.old_values[idx], batch.returns[idx], mask,
                                                p.clip_range_value)
             check_finite(vf_loss, "value loss", step)
             value_engine.backward(p.vf_coef * vf_loss * scale)
-            value_engine.step()
+            checked_step(value_engine, "value", step)
 
             for key, value in {
                 "policy_loss": pg_loss, "value_loss": vf_loss, "entropy": masked_mean(entropy.detach(), mask),
