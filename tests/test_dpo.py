@@ -228,6 +228,43 @@ def test_madpo_weights_are_madpo_weights_of_aggregated_member_margins(name):
     assert stats["margin_aggregator"] == name and "weight_mean_flipped_labels" in stats
 
 
+def test_member_margins_are_cached_per_ensemble_and_pairs(tmp_path):
+    """A second MADPO run over the same ensemble files and pairs reads the member margins back
+    (no scoring) and gets the same weights, whatever its aggregator; other pairs, a retrained
+    ensemble or another scoring batch size are scored afresh."""
+    chosen = [" good good", " bad", " good bad bad", " good"]
+    rejected = [" bad", " good", " good", " good good good"]
+    columns = {"prompt": ["p"] * 4, "chosen": chosen, "rejected": rejected, "chosen_ended": [True] * 4,
+               "rejected_ended": [True] * 4}
+    root = tmp_path / "ensemble"
+    root.mkdir()
+    (root / "ensemble.json").write_text("{}")
+
+    def cfg(*extra):
+        return load_config(None, ["method=madpo", "proxy.k=3", f"testbed.cache_dir={tmp_path / 'cache'}",
+                                  "proxy.score_batch_size=2", *extra], check_paths=False)
+
+    first_ens = _FakeEnsemble()
+    first, stats = margin_weights(cfg(), first_ens, columns, rank=0, world=1, ensemble_root=root)
+    assert first_ens.calls and not stats["member_margins_cached"]
+    assert len(list((tmp_path / "cache" / "margins").glob("*.safetensors"))) == 1
+    again_ens = _FakeEnsemble()
+    again, stats = margin_weights(cfg(), again_ens, columns, rank=0, world=1, ensemble_root=root)
+    assert again_ens.calls == [] and stats["member_margins_cached"]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    wco_ens = _FakeEnsemble()
+    wco, _ = margin_weights(cfg("madpo.margin_aggregator=wco"), wco_ens, columns, rank=0, world=1, ensemble_root=root)
+    assert wco_ens.calls == []  # the aggregator is applied after the cache
+    for change in ("pairs", "ensemble", "batch"):
+        ens = _FakeEnsemble()
+        cols = {**columns, "chosen": [" good"] * 4} if change == "pairs" else columns
+        if change == "ensemble":
+            (root / "member_0.safetensors").write_bytes(b"retrained")
+        margin_weights(cfg(*(["proxy.score_batch_size=3"] if change == "batch" else [])), ens, cols, rank=0,
+                       world=1, ensemble_root=root)
+        assert ens.calls, change
+
+
 # ---------------------------------------------------------------------------------------------
 # Parity with TRL's DPOTrainer
 # ---------------------------------------------------------------------------------------------

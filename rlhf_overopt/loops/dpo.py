@@ -13,7 +13,7 @@ scores of each response.
     0. models       tokenizer, gold, initial policy
     1. data         testbed pairs at the quality tier, or a user dataset; validated, tokenized
     2. proxies      the ensemble that scores evaluations; madpo: member margins (K, N) -> aggregate
-                    -> h (N,) -> w(h), once up front
+                    -> h (N,) -> w(h), once up front (member margins cached under <cache>/margins)
     3. engines      policy engine, frozen reference; reference log-probs of every pair, once
                     (dpo.precompute_ref), sharded over ranks
     per optimizer step:
@@ -31,10 +31,13 @@ uninterrupted one does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,7 +70,7 @@ from rlhf_overopt.preferences import (
     tokenize_pairs,
 )
 from rlhf_overopt.rollout import sequence_logprobs
-from rlhf_overopt.runs import append_jsonl, atomic_write_json
+from rlhf_overopt.runs import append_jsonl, atomic_write_bytes, atomic_write_json
 from rlhf_overopt.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
@@ -231,7 +234,7 @@ def preference_step(policy_engine, reference, batch, idx: torch.Tensor, ref_logp
 
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import ensure_proxies
+    from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies
 
     cfg, d, info = ctx.cfg, ctx.cfg.dpo, ctx.dist
     ensure_process_group(info.device)
@@ -285,7 +288,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     weights, madpo_info = None, {}
     if cfg.method == "madpo":
         t = time.time()
-        weights, madpo_info = margin_weights(cfg, ensemble, columns, rank, world)
+        weights, madpo_info = margin_weights(cfg, ensemble, columns, rank, world,
+                                             ensemble_root=ensemble_dir(cfg, ctx.testbed))
         timings["margins_s"] = time.time() - t
         log.info("madpo margins (%s): weight mean %.3f, min %.3f, max %.3f", cfg.madpo.margin_aggregator,
                  madpo_info["weights"]["mean"], madpo_info["weights"]["min"], madpo_info["weights"]["max"])
@@ -371,13 +375,63 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "timings_s": {k: round(v, 2) for k, v in timings.items()}, **({"madpo": madpo_info} if madpo_info else {})}
 
 
+MARGIN_CACHE_VERSION = 1
+PAIR_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "chosen_ended", "rejected_ended")
+
+
+def margin_cache_path(cfg: Config, ensemble_root: Path, columns: dict[str, list[Any]], world: int) -> Path:
+    """<cache root>/margins/<key>.safetensors for the member margins of these pairs.
+
+    The key holds everything the margins depend on: the ensemble's folder and every file in it
+    (path, size, modification time: an ensemble retrained in place gets a new key), raw or
+    standardized scores, the pair texts and ended flags, and how scoring is batched (batch size
+    and ranks change padding, hence the last bits of a score), so a cached run equals an uncached one.
+    """
+    from rlhf_overopt.testbed.build import resolve_cache_dir
+
+    root = Path(ensemble_root).resolve()
+    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in root.rglob("*") if f.is_file())
+    pairs = hashlib.sha256(json.dumps([columns[c] for c in PAIR_TEXT_COLUMNS]).encode("utf-8")).hexdigest()
+    key = json.dumps({"version": MARGIN_CACHE_VERSION, "ensemble": str(root), "files": files,
+                      "standardized": cfg.madpo.standardized_margins, "pairs": pairs,
+                      "score_batch_size": cfg.proxy.score_batch_size, "world": world}, sort_keys=True)
+    name = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    return resolve_cache_dir(cfg.testbed) / "margins" / f"{name}.safetensors"
+
+
+def load_cached_margins(path: Path | None, n: int) -> torch.Tensor | None:
+    """The cached (K, n) member margins when every rank finds them (ranks decide together, since
+    scoring is collective), else None."""
+    have = path is not None and path.is_file()
+    if float(dist.all_reduce_mean(torch.tensor([float(have)]))) < 1.0:
+        return None
+    from safetensors.torch import load_file
+
+    margins = load_file(str(path))["member_margins"]
+    if margins.dim() != 2 or margins.shape[1] != n:
+        raise RuntimeError(f"{path}: cached margins have shape {tuple(margins.shape)}, expected (K, {n})")
+    return margins
+
+
+def save_cached_margins(path: Path, margins: torch.Tensor) -> None:
+    """Write (K, N) member margins atomically as safetensors."""
+    from safetensors.torch import save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({"member_margins": margins.contiguous()}))
+
+
 def margin_weights(cfg: Config, ensemble, columns: dict[str, list[Any]], rank: int,
-                   world: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                   world: int, ensemble_root: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Step 2: MADPO weights w(h) (N,) with h the aggregated member margins, and their statistics.
 
     Member margins (K, N) = r_i(prompt + chosen) - r_i(prompt + rejected), from raw Bradley-Terry
     scores unless madpo.standardized_margins (a score offset cancels in a margin; the scale is what
-    the weight's sigmoid reads). The aggregator is applied to the margins themselves.
+    the weight's sigmoid reads). The aggregator is applied to the margins themselves. With
+    `ensemble_root` (the saved ensemble's folder) the member margins are cached by
+    `margin_cache_path`, so runs that differ only in aggregator, beta or optimizer settings
+    score the pairs once.
     """
     m, agg = cfg.madpo, cfg.aggregate
 
@@ -391,13 +445,20 @@ def margin_weights(cfg: Config, ensemble, columns: dict[str, list[Any]], rank: i
         return (chosen - rejected).float().cpu()
 
     n = len(columns["prompt"])
-    member_margins = sharded_map(n, score, rank, world, cfg.proxy.score_batch_size)  # (K, N)
+    cache = margin_cache_path(cfg, ensemble_root, columns, world) if ensemble_root is not None else None
+    member_margins = load_cached_margins(cache, n)
+    cached = member_margins is not None
+    if member_margins is None:
+        member_margins = sharded_map(n, score, rank, world, cfg.proxy.score_batch_size)  # (K, N)
+        if cache is not None and rank == 0 and bool(torch.isfinite(member_margins).all()):
+            save_cached_margins(cache, member_margins)
     for i in range(member_margins.shape[0]):
         check_finite(member_margins[i], f"proxy member {i} margin", 0)
     margins = aggregate(member_margins, m.margin_aggregator, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k,
                         variance=agg.variance)
     weights = madpo_weights(margins, c_max=m.c_max, c_min=m.c_min or None, lam=m.lam, tau=m.tau)
     stats: dict[str, Any] = {
+        "member_margins_cached": cached,
         "margin_aggregator": m.margin_aggregator,
         "standardized_margins": m.standardized_margins,
         "margins": summary_stats(margins),
