@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m analysis.composite RUN_DIR [RUN_DIR ...] --out DIR [--title T]
+    python -m analysis.composite RUN_DIR [RUN_DIR ...] --out DIR [--title T] [--max-step N]
 
 Each RUN_DIR is one run directory of method ``constrained_ppo`` (mu-PPO / xi-PPO with Lagrange
 multipliers, Moskovitz et al. 2023, §4), ``nm_ppo`` (Nelder-Mead over the thresholds, §4.3) or
@@ -197,8 +197,9 @@ def _aligned(
     return out
 
 
-def load_composite(run_dir: str | Path) -> CompositeRun:
-    """Read one composite-reward run directory.
+def load_composite(run_dir: str | Path, max_step: int | None = None) -> CompositeRun:
+    """Read one composite-reward run directory (its evaluations up to `max_step`, when given, so
+    that runs of different lengths are compared at the same budget).
 
     Malformed JSON lines (e.g. a line being written by a running job) are skipped with a
     :class:`analysis.load.MalformedLineWarning`; rows are sorted by step and a repeated step
@@ -248,7 +249,9 @@ def load_composite(run_dir: str | Path) -> CompositeRun:
             raise ValueError(f"{where}: component_names {row_names} differ from earlier rows' {names}")
         by_step[int(row["step"])] = row
     assert names is not None
-    rows = [by_step[step] for step in sorted(by_step)]
+    rows = [by_step[step] for step in sorted(by_step) if max_step is None or step <= max_step]
+    if not rows:
+        raise ValueError(f"{curves_path}: no evaluation at or before step {max_step}")
     last = rows[-1]
 
     config = _read_mapping(run_path / CONFIG_FILE, "yaml")
@@ -599,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="composite-reward run directory")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--title", default=None, help="figure and report title")
+    parser.add_argument("--max-step", type=int, default=None, metavar="N",
+                        help="use each run's evaluations up to step N (compare runs at the same budget)")
     return parser
 
 
@@ -613,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            runs = [load_composite(run_dir) for run_dir in args.run_dirs]
+            runs = [load_composite(run_dir, args.max_step) for run_dir in args.run_dirs]
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

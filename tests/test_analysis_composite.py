@@ -132,6 +132,15 @@ def test_load_composite_reads_arrays(tmp_path: Path) -> None:
     assert dyn.weights is not None and dyn.weights[-1].tolist() == [0.75, 0.25]
 
 
+def test_load_composite_up_to_a_step(tmp_path: Path) -> None:
+    """--max-step compares runs of different lengths at the same budget."""
+    run = load_composite(_constrained(tmp_path), max_step=15)
+    assert run.steps.tolist() == [0, 10]
+    assert run.multipliers is not None and run.multipliers.shape == (2, 2)
+    with pytest.raises(ValueError, match="no evaluation at or before step -1"):
+        load_composite(tmp_path / "con", max_step=-1)
+
+
 def test_load_composite_places_short_lists_by_constraint_names(tmp_path: Path) -> None:
     run_dir = _write_run(
         tmp_path,
