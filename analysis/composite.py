@@ -593,6 +593,36 @@ def plot_composite(runs: Sequence[CompositeRun], path: str | Path, *, title: str
 # ---------------------------------------------------------------------------------------------
 
 
+def plot_proxy_points(thresholds: Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per component of a proxy_points run's ``thresholds.json``: gold against the
+    component's value at each evaluation of the run that pushed it alone, the fitted quadratic
+    ``a + b v + c v^2`` over the observed range, and the proxy point (the fit's maximum there)."""
+    components = thresholds.get("components") or {}
+    if not components:
+        raise ValueError("thresholds.json holds no components")
+    fig = Figure(figsize=(5.2 * len(components), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(components), squeeze=False)
+    for ax, (name, fit) in zip(axes[0], components.items()):
+        points = np.asarray(fit["points"], dtype=np.float64)
+        order = np.argsort(points[:, 0])
+        ax.plot(points[order, 0], points[order, 1], "o", color="tab:blue", label="evaluations")
+        a, b, c = fit["coefficients"]
+        v = np.linspace(points[:, 0].min(), points[:, 0].max(), 200)
+        ax.plot(v, a + b * v + c * v * v, "-", color="tab:gray", label="quadratic fit")
+        point = fit["proxy_point"]
+        ax.axvline(point, color="tab:red", linestyle="--", label=f"proxy point {point:.2f}")
+        ax.set_xlabel(f"{name} (proxy component, standardized)")
+        ax.set_ylabel("gold score")
+        ax.set_title(f"{name}: gold against the component pushed alone")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m analysis.composite``."""
     parser = argparse.ArgumentParser(

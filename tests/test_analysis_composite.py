@@ -273,3 +273,13 @@ def test_cli_exit_2_with_one_line_error(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "curves.jsonl" in lines[0]
     assert not (tmp_path / "o" / "composite.md").exists()
+
+
+def test_plot_proxy_points_writes_png(tmp_path: Path) -> None:
+    from analysis.composite import plot_proxy_points
+
+    fit = {"coefficients": [0.1, 0.4, -0.1], "proxy_point": 2.0, "points": [[0.0, 0.1], [1.0, 0.4], [3.0, 0.4]]}
+    path = plot_proxy_points({"components": {"sentiment": fit, "fluency": fit}}, tmp_path / "pp.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no components"):
+        plot_proxy_points({"components": {}}, tmp_path / "none.png")

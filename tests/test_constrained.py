@@ -312,6 +312,7 @@ def test_proxy_points_cli_writes_thresholds(proxy_points_run):
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert all(r["reward_weights"] == [float(j == i) for j in range(2)] for r in rows)
     assert json.loads((proxy_points_run / "summary.json").read_text())["status"] == "completed"
+    assert (proxy_points_run / "report" / "proxy_points.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -339,6 +340,8 @@ def test_constrained_ppo_cli_reads_thresholds_and_logs_multipliers(proxy_points_
             assert (moved > 0) == (mean_violation < 0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and (out / "policy" / "model.safetensors").exists()
+    assert (out / "report" / "composite.png").stat().st_size > 1000
+    assert "| run | method |" in (out / "report" / "composite.md").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ outcome in summary.json — "completed" with the driver's summary, or "failed" w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -153,7 +154,7 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
                 "curves": summarize_curves(run.curves()),
                 **summary,
             })
-            write_report(run)
+            write_report(run, cfg.method)
             log.info("done in %.1f s; results in %s", time.time() - ctx.started, run.root)
         return 0
     except InputError as exc:
@@ -173,17 +174,33 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
         raise
 
 
-def write_report(run: RunDir) -> None:
-    """Gold/proxy-vs-sqrt(KL) plots and the fitted table in <run>/report, drawn by analysis/ from
-    the run directory like any reader (Gao's BoN form for best-of-n, the RL form otherwise)."""
-    if not run.curves_path.exists():
-        return
-    from analysis.load import load_runs
-    from analysis.report import write_report as draw
+COMPOSITE_METHODS = ("constrained_ppo", "nm_ppo", "dynamic_ppo")
 
-    try:
-        draw(load_runs([run.root]), run.root / "report", form="auto")
-    except Exception as exc:  # a plotting problem must not fail a finished experiment
+
+def write_report(run: RunDir, method: str = "") -> None:
+    """Gold/proxy-vs-sqrt(KL) plots and the fitted table in <run>/report, drawn by analysis/ from
+    the run directory like any reader (Gao's BoN form for best-of-n, the RL form otherwise);
+    composite-reward runs add analysis.composite's table and figure (components against their
+    thresholds, multipliers or weights, hypervolume), a proxy_points run its fits."""
+    report = run.root / "report"
+    try:  # a plotting problem must not fail a finished experiment
+        if method == "proxy_points" and (run.root / "thresholds.json").exists():
+            from analysis.composite import plot_proxy_points
+
+            plot_proxy_points(json.loads((run.root / "thresholds.json").read_text()), report / "proxy_points.png")
+        if not run.curves_path.exists():
+            return
+        from analysis.load import load_runs
+        from analysis.report import write_report as draw
+
+        draw(load_runs([run.root]), report, form="auto")
+        if method in COMPOSITE_METHODS:
+            from analysis.composite import composite_markdown, load_composite, plot_composite
+
+            composite = [load_composite(run.root)]
+            (report / "composite.md").write_text(composite_markdown(composite), encoding="utf-8")
+            plot_composite(composite, report / "composite.png")
+    except Exception as exc:  # noqa: BLE001
         log.warning("report not written: %s", exc)
 
 
