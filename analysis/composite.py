@@ -46,7 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning
+from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning, load_for_cli
 from rlhf_overopt.constrained import hypervolume, pareto_mask
 
 FloatArray = npt.NDArray[np.float64]
@@ -645,15 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            runs = [load_composite(run_dir, args.max_step) for run_dir in args.run_dirs]
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    runs = load_for_cli(lambda: [load_composite(run_dir, args.max_step) for run_dir in args.run_dirs], (ValueError,))
+    if runs is None:
+        return 2
 
     markdown = composite_markdown(runs, title=args.title)
     out = Path(args.out)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -398,3 +399,21 @@ def _build_curve(
         member_scores=members,
         config=config,
     )
+
+
+T = TypeVar("T")
+
+
+def load_for_cli(load: Callable[[], T], errors: tuple[type[Exception], ...]) -> T | None:
+    """Run a loader for a command line: its warnings become ``warning: ...`` lines on stderr and
+    one of `errors` becomes a single ``error: ...`` line (and None is returned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = load()
+        except errors as err:
+            print(f"error: {err}", file=sys.stderr)
+            return None
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return result

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from analysis.fit import (
     predicted_peak_bon,
     predicted_peak_rl,
 )
-from analysis.load import Curve, RunDirError, load_runs
+from analysis.load import Curve, RunDirError, load_for_cli, load_runs
 from analysis.plots import FittedForm, plot_frontier, plot_member_spread, plot_method_curves
 
 FORMS = ("auto", "bon", "rl")
@@ -477,15 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            curves = load_runs(args.run_dirs)
-        except RunDirError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    curves = load_for_cli(lambda: load_runs(args.run_dirs), (RunDirError,))
+    if curves is None:
+        return 2
     if not curves:
         print(f"error: no valid evaluation rows in {' '.join(args.run_dirs)}", file=sys.stderr)
         return 2
