@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_PPO = ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"
 TINY_BON = ROOT / "configs" / "tiny" / "bon_ensemble.yaml"
 TINY_DPO = ROOT / "configs" / "tiny" / "dpo.yaml"
+TINY_CONSTRAINED = ROOT / "configs" / "tiny" / "constrained_ppo.yaml"
+TINY_DYNAMIC = ROOT / "configs" / "tiny" / "dynamic_weighting.yaml"
 
 
 def _train_module():
@@ -81,6 +83,12 @@ CONFIG_CASES = [
     ("missing-deepspeed-json", TINY_PPO, ["deepspeed.config=missing.json"], {}, "deepspeed.config: file not found"),
     ("override-without-value", TINY_PPO, ["ppo.steps"], {}, "ppo.steps: an override must look like key.sub=value"),
     ("prompt-too-long-for-context", TINY_PPO, ["ppo.max_new_tokens=4000"], {}, "max_new_tokens"),
+    ("conflicting-tier-and-user-dataset", TINY_DPO, ["dpo.dataset=/no/such/prefs", "dpo.quality=low"], {},
+     "dpo.quality: quality tiers are built from the testbed's preferences"),
+    ("objective-not-a-component", TINY_CONSTRAINED, ["constrained.objective=brevity"], {},
+     "constrained.objective: must be 'kl' or a component name"),
+    ("weights-do-not-match-components", TINY_DYNAMIC, ["weighting.weights=[0.5,0.3,0.2]"], {},
+     "weighting.weights: needs 2 non-negative weights"),
 ]
 
 
