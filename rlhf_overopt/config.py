@@ -155,6 +155,10 @@ class ProxyConfig:
     train_pairs: int = 0
     """Train on only the first train_pairs pairs of the (shuffled) train split; 0 uses all. Less
     preference data gives weaker proxies that are overoptimized sooner (Gao et al. 2022, Fig. 4)."""
+    train_workers: int = 0
+    """kind=independent|pretrain on CPU: members trained at once in this many processes, each with
+    this process's torch thread count; 0 = as many as the cores allow (up to K), 1 = one after
+    another here. The weights do not depend on it (each member is seeded on its own)."""
     multihead_bootstrap: bool = True
     """kind=multihead: each head trains on its own resample (with replacement) of every batch, so heads see different data."""
     score_method: Literal["loop", "vmap"] = "loop"
@@ -698,6 +702,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _require(cfg.eval.n_samples_logged >= 0, "eval.n_samples_logged", "must be >= 0")
     _require(cfg.num_threads >= 0, "num_threads", "must be >= 0 (0 picks cores / local ranks)")
     _require(cfg.proxy.n_layer >= 0, "proxy.n_layer", "must be >= 0 (0 keeps all layers)")
+    _require(cfg.proxy.train_workers >= 0, "proxy.train_workers", f"must be >= 0, got {cfg.proxy.train_workers}")
     _require(cfg.proxy.train_pairs == 0 or cfg.proxy.train_pairs >= 20, "proxy.train_pairs",
              f"must be 0 (all pairs) or at least 20, got {cfg.proxy.train_pairs}")
 

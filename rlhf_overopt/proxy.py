@@ -830,6 +830,66 @@ def _lora_config(cfg: ProxyConfig, base: nn.Module):
     )
 
 
+def member_workers(requested: int, k: int, device: torch.device | str) -> int:
+    """Processes that train independent members at once: 1 on an accelerator or for one member;
+    `requested` if set; else as many as the usable cores allow at this process's thread count."""
+    if torch.device(device).type != "cpu" or k <= 1:
+        return 1
+    if requested:
+        return min(requested, k)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(k, cores // max(torch.get_num_threads(), 1)))
+
+
+def _member_worker(job: dict[str, Any]) -> tuple[int, bytes, dict[str, float]]:
+    """One independent member trained in a worker process: its weights as safetensors bytes and
+    its last-epoch statistics. Same seed, thread count and data as the in-process path, so the
+    same weights."""
+    from safetensors.torch import save
+
+    torch.set_num_threads(job["threads"])
+    model = reward_model_from_pretrained(job["path"], pad_token_id=job["pad"], seed=job["seed"],
+                                         n_layer=job["cfg"].n_layer)
+    model.train()
+    stats = _fit_bradley_terry(_one_head(model), list(model.parameters()), job["pairs"], pad_token_id=job["pad"],
+                               n_heads=1, cfg=job["cfg"], seed=job["seed"], device=torch.device("cpu"),
+                               desc=job["name"], progress=False)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return job["index"], save(state), stats
+
+
+def _train_members_in_processes(paths: Sequence[str], names: Sequence[str], seeds: Sequence[int],
+                                pairs: EncodedPairs, pad: int, cfg: ProxyConfig, workers: int,
+                                progress: bool) -> list[nn.Module]:
+    """Train independent members in `workers` spawned processes (CPU); returns them in order, in
+    eval mode. Weights travel back as safetensors bytes, not pickles."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from safetensors.torch import load
+
+    threads = torch.get_num_threads()
+    jobs = [{"index": i, "name": names[i], "path": str(paths[i]), "seed": seeds[i], "pad": pad, "cfg": cfg,
+             "pairs": pairs, "threads": threads} for i in range(len(names))]
+    logger.info("training %d proxy members in %d processes (%d thread(s) each)", len(jobs), workers, threads)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_member_worker, job) for job in jobs]
+        with bar(total=len(jobs), desc="proxy members", unit="member", disable=not progress) as pbar:
+            for future in as_completed(futures):
+                index, blob, stats = future.result()
+                states[index] = load(blob)
+                logger.info("proxy %s: last epoch train loss %.4f, accuracy %.3f", names[index],
+                            stats["train_loss"], stats["train_accuracy"])
+                pbar.update(1)
+    models = []
+    for i in range(len(jobs)):
+        model = reward_model_from_pretrained(paths[i], pad_token_id=pad, seed=seeds[i], n_layer=cfg.n_layer)
+        model.load_state_dict(states[i])
+        models.append(model.eval())
+    return models
+
+
 def train_ensemble(
     kind: str,
     backbone_path: str | os.PathLike | None,
@@ -920,15 +980,19 @@ def train_ensemble(
     # 2. build and train the members
     kwargs: dict[str, Any] = {}
     if kind in ("independent", "pretrain"):
-        models = []
-        for i, name in enumerate(names):
-            path = first_path if i == 0 else member_path(i)
-            model = reward_model_from_pretrained(
-                path, pad_token_id=pad, seed=seeds[i], n_layer=cfg.n_layer
-            ).to(device)
-            model.train()
-            fit(_one_head(model), model.parameters(), 1, seeds[i], name)
-            models.append(model.eval())
+        paths = [first_path] + [member_path(i) for i in range(1, cfg.k)]
+        workers = member_workers(cfg.train_workers, cfg.k, device)
+        if workers > 1:
+            models = _train_members_in_processes(paths, names, seeds, train_pairs, pad, cfg, workers, progress)
+        else:
+            models = []
+            for i, name in enumerate(names):
+                model = reward_model_from_pretrained(
+                    paths[i], pad_token_id=pad, seed=seeds[i], n_layer=cfg.n_layer
+                ).to(device)
+                model.train()
+                fit(_one_head(model), model.parameters(), 1, seeds[i], name)
+                models.append(model.eval())
         kwargs["models"] = models
     elif kind == "multihead":
         backbone = backbone_from_pretrained(first_path, n_layer=cfg.n_layer)

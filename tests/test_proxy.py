@@ -437,3 +437,20 @@ def test_train_ensemble_argument_errors(world, tmp_path):
             None,
             _cfg("independent"),
         )
+
+
+def test_members_trained_in_processes_equal_members_trained_here(trained, world):
+    """proxy.train_workers changes where members train, not their weights: two spawned worker
+    processes give bit-identical members to training them one after another in this process."""
+    from rlhf_overopt.proxy import member_workers
+
+    here = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
+                          _cfg("independent", train_workers=1), progress=False)
+    spawned = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
+                             _cfg("independent", train_workers=2), progress=False)
+    for a, b in zip(here.models, spawned.models):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert member_workers(0, 5, "cuda") == 1 and member_workers(3, 2, "cpu") == 2 and member_workers(0, 1, "cpu") == 1

@@ -37,7 +37,7 @@ def proxy_key_settings(cfg: Config) -> dict[str, Any]:
     caches written before the option existed keep their keys.
     """
     settings = to_dict(cfg.proxy)
-    for key in ("path", "score_batch_size", "on_failed_member"):
+    for key in ("path", "score_batch_size", "on_failed_member", "train_workers"):
         settings.pop(key, None)
     if settings.get("train_pairs") == 0:
         settings.pop("train_pairs")
