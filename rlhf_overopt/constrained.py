@@ -165,6 +165,19 @@ def hypervolume_gain(point: torch.Tensor, buffer: torch.Tensor, reference: torch
     return hypervolume(both, reference) - hypervolume(both[:-1], reference)
 
 
+def pareto_buffer_add(front: torch.Tensor, point: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Add `point` to a Pareto buffer: (the non-dominated points of `front` and `point`, the
+    hypervolume `point` adds to `front`). The buffer step of hypervolume-guided weighting
+    (Lu et al. 2025), shared by the PPO loop and the TRL reward function.
+
+    front: (P, D), P may be 0; point: (D,); reference: (D,). float64 out.
+    """
+    point = point.double()
+    gain = float(hypervolume_gain(point, front, reference))
+    both = torch.cat([front.double().reshape(-1, point.shape[0]), point[None]])
+    return both[pareto_mask(both)], gain
+
+
 def hypervolume_scale(gain: torch.Tensor | float) -> torch.Tensor:
     """Reward scale of hypervolume-guided weighting: `0.5 + 1.5 * tanh(delta_HV)` (Lu et al. 2025).
 

@@ -20,7 +20,7 @@ weighting mode:
 
 The buffer is tracked in fixed mode too (history only), as dynamic_ppo does, so a fixed-weight run
 reports the front it reaches. The math is rlhf_overopt.constrained's (`hypervolume`,
-`hypervolume_gain`, `hypervolume_scale`, `pareto_mask`); this module is bookkeeping around it.
+`pareto_buffer_add`, `hypervolume_scale`); this module is bookkeeping around it.
 
 How TRL 1.16 calls a custom (non-module, non-async) reward function
 (trl/trainer/grpo_trainer.py `_calculate_rewards`; rloo_trainer.py is the same):
@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as tdist
 
-from rlhf_overopt.constrained import hypervolume, hypervolume_gain, hypervolume_scale, pareto_mask
+from rlhf_overopt.constrained import hypervolume, hypervolume_scale, pareto_buffer_add
 from rlhf_overopt.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -275,9 +275,7 @@ class WeightedComponentReward:
         first = self.reference is None
         if first:
             self.reference = point - self.reference_offset
-        gain = float(hypervolume_gain(point, self.front, self.reference))
-        both = torch.cat([self.front, point[None]])
-        self.front = both[pareto_mask(both)]
+        self.front, gain = pareto_buffer_add(self.front, point, self.reference)
         if self.mode == "hypervolume" and not first:
             self.scale = float(hypervolume_scale(gain))
         return gain

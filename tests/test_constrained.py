@@ -28,6 +28,7 @@ from rlhf_overopt.constrained import (
     mixed_advantages,
     multiplier_loss,
     objective_influence,
+    pareto_buffer_add,
     pareto_mask,
     quadratic_peak,
     squash_multipliers,
@@ -168,6 +169,18 @@ def test_hypervolume_gain_pareto_and_scale():
     assert float(hypervolume_scale(0.0)) == pytest.approx(0.5)
     assert float(hypervolume_scale(1.0)) == pytest.approx(0.5 + 1.5 * math.tanh(1.0))
     assert float(hypervolume_scale(50.0)) == pytest.approx(2.0)
+
+
+def test_pareto_buffer_add_by_hand():
+    ref = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    front, gain = pareto_buffer_add(torch.zeros(0, 2), torch.tensor([0.0, 0.0]), ref)
+    assert gain == 1.0 and front.tolist() == [[0.0, 0.0]]
+    front, gain = pareto_buffer_add(front, torch.tensor([1.0, 1.0]), ref)  # dominates the first point
+    assert gain == 3.0 and front.tolist() == [[1.0, 1.0]]
+    front, gain = pareto_buffer_add(front, torch.tensor([0.5, 0.5]), ref)  # dominated: adds nothing
+    assert gain == 0.0 and front.tolist() == [[1.0, 1.0]]
+    front, gain = pareto_buffer_add(front, torch.tensor([2.0, 0.0]), ref)  # beside it: adds the 1 x 1 strip
+    assert gain == 1.0 and front.tolist() == [[1.0, 1.0], [2.0, 0.0]]
 
 
 def test_gradient_weight_update_by_hand():

@@ -39,10 +39,9 @@ from rlhf_overopt.constrained import (
     combine_streams,
     gradient_weight_update,
     hypervolume,
-    hypervolume_gain,
     hypervolume_scale,
     objective_influence,
-    pareto_mask,
+    pareto_buffer_add,
 )
 from rlhf_overopt.loops.common import RunContext
 from rlhf_overopt.loops.constrained_ppo import (
@@ -132,9 +131,7 @@ class Weighting:
         point = point.double()
         if self.reference is None:
             self.reference = point - w.hv_reference_offset
-        gain = float(hypervolume_gain(point, self.front, self.reference))
-        both = torch.cat([self.front, point[None]])
-        self.front = both[pareto_mask(both)]
+        self.front, gain = pareto_buffer_add(self.front, point, self.reference)
         if w.mode == "hypervolume" and step > 0:
             self.scale = float(hypervolume_scale(gain))
         self.last_gain = gain
