@@ -178,6 +178,32 @@ def pareto_buffer_add(front: torch.Tensor, point: torch.Tensor, reference: torch
     return both[pareto_mask(both)], gain
 
 
+def weighted_reward(component_scores: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """`r_b = scale * sum_j w_j * s_jb`: the reward of each completion.
+
+    component_scores: (N, B); weights: (N,) (used as given); scale: the reward scale.
+    Returns (B,) float64.
+    """
+    if component_scores.dim() != 2 or weights.shape != component_scores.shape[:1]:
+        raise ValueError(f"component_scores (N, B) and weights (N,) expected, got {tuple(component_scores.shape)} "
+                         f"and {tuple(weights.shape)}")
+    return scale * (weights.double() @ component_scores.double())
+
+
+def normalized_weights(weights: list[float] | tuple[float, ...] | None, n: int) -> torch.Tensor:
+    """`w / sum(w)`, (n,) float64; None means uniform. Raises ValueError unless there are n finite,
+    non-negative weights with a positive sum."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    values = [float(x) for x in weights]
+    if len(values) != n:
+        raise ValueError(f"weights: need one weight per component ({n}), got {len(values)}: {values}")
+    if not all(math.isfinite(x) and x >= 0 for x in values) or sum(values) <= 0:
+        raise ValueError(f"weights: need finite non-negative weights with a positive sum, got {values}")
+    w = torch.tensor(values, dtype=torch.float64)
+    return w / w.sum()
+
+
 def hypervolume_scale(gain: torch.Tensor | float) -> torch.Tensor:
     """Reward scale of hypervolume-guided weighting: `0.5 + 1.5 * tanh(delta_HV)` (Lu et al. 2025).
 

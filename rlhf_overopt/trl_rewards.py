@@ -57,7 +57,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as tdist
 
-from rlhf_overopt.constrained import hypervolume, hypervolume_scale, pareto_buffer_add
+from rlhf_overopt.constrained import (
+    hypervolume,
+    hypervolume_scale,
+    normalized_weights,
+    pareto_buffer_add,
+    weighted_reward,
+)
 from rlhf_overopt.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -74,32 +80,6 @@ GRADIENT_MODE_MESSAGE = (
 ScoreFn = Callable[..., Any]
 """`score_fn(prompts, completions) -> (N, B)` component scores (tensor or nested list of floats);
 called as `score_fn(prompts, completions, completion_ids)` when `needs_completion_ids=True`."""
-
-
-def weighted_reward(component_scores: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
-    """`r_b = scale * sum_j w_j * s_jb`: the reward of each completion.
-
-    component_scores: (N, B); weights: (N,) (used as given); scale: the reward scale.
-    Returns (B,) float64.
-    """
-    if component_scores.dim() != 2 or weights.shape != component_scores.shape[:1]:
-        raise ValueError(f"component_scores (N, B) and weights (N,) expected, got {tuple(component_scores.shape)} "
-                         f"and {tuple(weights.shape)}")
-    return scale * (weights.double() @ component_scores.double())
-
-
-def normalized_weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
-    """`w / sum(w)`, (n,) float64; None means uniform. Raises ValueError unless there are n finite,
-    non-negative weights with a positive sum."""
-    if weights is None:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    values = [float(x) for x in weights]
-    if len(values) != n:
-        raise ValueError(f"weights: need one weight per component ({n}), got {len(values)}: {values}")
-    if not all(math.isfinite(x) and x >= 0 for x in values) or sum(values) <= 0:
-        raise ValueError(f"weights: need finite non-negative weights with a positive sum, got {values}")
-    w = torch.tensor(values, dtype=torch.float64)
-    return w / w.sum()
 
 
 def completion_ended(completion_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int]) -> list[bool]:

@@ -13,14 +13,15 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlhf_overopt import dist
-from rlhf_overopt.config import Config
+from rlhf_overopt.config import COMPOSITE_METHODS, Config
 from rlhf_overopt.errors import InputError, NonFiniteError
 from rlhf_overopt.runs import RunDir, read_jsonl, summarize_curves, write_jsonl
 
@@ -172,9 +173,6 @@ def execute(cfg: Config, state: str, driver: Callable[[RunContext], dict[str, An
     except Exception as exc:
         _record_failure(ctx, exc)
         raise
-
-
-COMPOSITE_METHODS = ("constrained_ppo", "nm_ppo", "dynamic_ppo")
 
 
 def write_report(run: RunDir, method: str = "") -> None:

@@ -40,6 +40,7 @@ from rlhf_overopt.constrained import (
     gradient_weight_update,
     hypervolume,
     hypervolume_scale,
+    normalized_weights,
     objective_influence,
     pareto_buffer_add,
 )
@@ -102,9 +103,8 @@ class Weighting:
     def __init__(self, s: Session) -> None:
         w = s.cfg.weighting
         n = s.components.n
-        init = torch.tensor(w.weights or [1.0] * n, dtype=torch.float64)
         self.s = s
-        self.weights = init / init.sum()
+        self.weights = normalized_weights(w.weights or None, n)
         self.scale = 1.0
         self.front = torch.zeros(0, n, dtype=torch.float64)
         self.reference: torch.Tensor | None = None
