@@ -3,8 +3,10 @@
     python launch/train.py --config configs/bon_ensemble.yaml [key.sub=value ...]
     deepspeed --num_gpus 2 launch/train.py --config configs/ppo_ensemble.yaml [key.sub=value ...]
 
-The config's `method` picks the driver in rlhf_overopt/loops/. Configuration problems exit with
-status 2 and one line naming the key, before any work and before a run directory is created.
+The config's `method` picks its driver from the method table (rlhf_overopt.config.METHODS; one
+module in rlhf_overopt/loops/ per driver). Configuration problems exit with status 2 and one line
+naming the key, before any work and before a run directory is created. After a completed run,
+rank 0 draws the report (<run>/report/) from the run directory, as any reader of it would.
 `--list-keys` prints every config key with its type, default and meaning.
 """
 
@@ -13,27 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf_overopt.config import ConfigError, check_world_size, field_docs, load_config  # noqa: E402
+from rlhf_overopt.config import METHODS, ConfigError, check_world_size, field_docs, load_config  # noqa: E402
 
-# method -> module in rlhf_overopt.loops exposing `run(ctx) -> dict | None`
-DRIVERS = {
-    "build_testbed": "build_testbed",
-    "train_rm": "train_rm",
-    "bon": "bon",
-    "ppo": "ppo",
-    "dpo": "dpo",
-    "madpo": "dpo",
-    "constrained_ppo": "constrained_ppo",
-    "nm_ppo": "constrained_ppo",
-    "dynamic_ppo": "dynamic_ppo",
-    "proxy_points": "proxy_points",
-}
+log = logging.getLogger("rlhf_overopt")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +40,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def driver_for(method: str):
+    """The `run(ctx)` of a method's driver module, looked up in the method table."""
+    return importlib.import_module(f"rlhf_overopt.loops.{METHODS[method].driver}").run
+
+
+def write_report(root: Path, method: str) -> None:
+    """Gold/proxy-vs-sqrt(KL) plots and the fitted table in <run>/report, drawn by analysis/ from
+    the run directory (Gao's BoN form for best-of-n, the RL form otherwise); composite-reward runs
+    add analysis.composite's table and figure, a proxy_points run its fits."""
+    report = root / "report"
+    try:  # a plotting problem must not fail a finished experiment
+        if method == "proxy_points" and (root / "thresholds.json").exists():
+            from analysis.composite import plot_proxy_points
+
+            plot_proxy_points(json.loads((root / "thresholds.json").read_text()), report / "proxy_points.png")
+        if not (root / "curves.jsonl").exists():
+            return
+        from analysis.load import load_runs
+        from analysis.report import write_report as draw
+
+        draw(load_runs([root]), report, form="auto")
+        if METHODS[method].composite:
+            from analysis.composite import composite_markdown, load_composite, plot_composite
+
+            composite = [load_composite(root)]
+            (report / "composite.md").write_text(composite_markdown(composite), encoding="utf-8")
+            plot_composite(composite, report / "composite.png")
+    except Exception as exc:  # noqa: BLE001
+        log.warning("report not written: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -60,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        module_name = DRIVERS[cfg.method]
-        if importlib.util.find_spec(f"rlhf_overopt.loops.{module_name}") is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_world_size(cfg, world)
+        if importlib.util.find_spec(f"rlhf_overopt.loops.{METHODS[cfg.method].driver}") is None:
             raise ConfigError(f"method: {cfg.method!r} is not built yet")
+        if METHODS[cfg.method].rollouts:
+            from rlhf_overopt.plan import make_plan
+
+            make_plan(cfg, world)  # every derived size divides exactly, or one line before any work
         from rlhf_overopt.runs import check_run_dir
 
         # Rank 0 alone inspects the run directory (the others would race with its creation);
@@ -77,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         if "WORLD_SIZE" not in os.environ:
             return 0  # under a launcher every rank still joins the process group, then stops
 
-    from rlhf_overopt.loops.common import execute
+    from rlhf_overopt.lifecycle import execute
 
-    driver = importlib.import_module(f"rlhf_overopt.loops.{module_name}")
-    return execute(cfg, state, driver.run, argv=[sys.argv[0], *argv])
+    status = execute(cfg, state, driver_for, argv=[sys.argv[0], *argv])
+    if status == 0 and state != "completed" and int(os.environ.get("RANK", "0")) == 0:
+        write_report(cfg.run_dir, cfg.method)
+    return status
 
 
 if __name__ == "__main__":

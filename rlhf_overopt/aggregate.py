@@ -160,3 +160,11 @@ def aggregate(
         "mean_minus_std": lambda s: mean_minus_std(s, std_k, variance),
     }
     return rules[kind](proxy_scores)
+
+
+def aggregator(name: str, *, uwo_lambda: float = 0.5, std_k: float = 1.0, variance: str = "population",
+               k: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """TEMPORARY builder until the reward-side split lands."""
+    if k is not None:
+        parse_aggregator_name(name, k)
+    return lambda s: aggregate(s, name, uwo_lambda=uwo_lambda, std_k=std_k, variance=variance)

@@ -40,7 +40,7 @@ import torch
 from rlhf_overopt import dist
 from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import AggregateConfig, Config, to_dict
-from rlhf_overopt.curves import check_finite
+from rlhf_overopt.evaluate import check_finite
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -240,7 +240,7 @@ def load_components(directory: str | Path, names: Sequence[str], terms: Sequence
 
 def ensure_components(ctx) -> ComponentRewards:
     """The run's components: loaded from components.path, from the cache, or trained (rank 0) first."""
-    from rlhf_overopt.loops.common import InputError
+    from rlhf_overopt.errors import InputError
     from rlhf_overopt.loops.train_rm import file_lock
 
     cfg = ctx.cfg

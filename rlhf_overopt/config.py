@@ -281,6 +281,24 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO family (temporary stub)."""
+
+    group_size: int = 4
+    """Responses per prompt."""
+    std_normalize: bool = True
+    """Divide by group std."""
+    loss_normalization: Literal["sequence", "token", "constant"] = "sequence"
+    """Loss normalization."""
+    kl_coef: float = 0.0
+    """KL beta."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL goes."""
+    eps: float = 1e-4
+    """Std epsilon."""
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     """Direct alignment (DPO / IPO / SLiC); beta sets the KL budget (Rafailov et al. 2024)."""
 
@@ -448,7 +466,7 @@ class Config:
     """One experiment."""
 
     method: Literal["build_testbed", "train_rm", "bon", "ppo", "dpo", "madpo", "constrained_ppo", "nm_ppo",
-                    "dynamic_ppo", "proxy_points"] = "ppo"
+                    "dynamic_ppo", "proxy_points", "grpo", "rloo"] = "ppo"
     """What to run."""
     name: str = ""
     """Run name; empty means the config file's stem."""
@@ -470,6 +488,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bon: BonConfig = field(default_factory=BonConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     madpo: MADPOConfig = field(default_factory=MADPOConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -957,3 +976,20 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((key, _type_name(tp), default, docs.get(f.name, "")))
     return rows
+
+
+@dataclass(frozen=True)
+class Method:  # TEMPORARY until the config restructure lands
+    name: str
+    driver: str
+    composite: bool = False
+    fit_form: str | None = "rl"
+    rollouts: bool = False
+
+
+METHODS = {m.name: m for m in (
+    Method("build_testbed", "build_testbed", fit_form=None), Method("train_rm", "train_rm", fit_form=None),
+    Method("bon", "bon", fit_form="bon"), Method("ppo", "ppo", rollouts=True), Method("dpo", "dpo"), Method("madpo", "dpo"),
+    Method("constrained_ppo", "constrained_ppo", True, rollouts=True), Method("nm_ppo", "constrained_ppo", True, rollouts=True),
+    Method("dynamic_ppo", "dynamic_ppo", True, rollouts=True), Method("proxy_points", "proxy_points", True, rollouts=True),
+    Method("grpo", "grpo", rollouts=True), Method("rloo", "grpo", rollouts=True))}

@@ -95,3 +95,33 @@ def shard_indices(n: int, rank: int, world_size: int) -> range:
         raise ValueError(f"{n} items cannot be split evenly over {world_size} ranks")
     per = n // world_size
     return range(rank * per, (rank + 1) * per)
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Whiten with the masked moments of the whole batch across ranks (equals one-rank whitening)."""
+    from rlhf_overopt.masking import whiten_from_moments
+
+    m = mask.float()
+    moments = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+    moments = all_reduce_mean(moments) * (tdist.get_world_size() if tdist.is_initialized() else 1)
+    return whiten_from_moments(x, mask, moments[0], moments[1], moments[2], shift_mean=shift_mean)
+
+
+def global_token_count(mask: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of the number of valid tokens: the per-rank normalizer that makes DeepSpeed's
+    gradient averaging equal a one-rank masked mean over the global minibatch."""
+    return all_reduce_mean(mask.float().sum())
+
+
+def sharded_map(n: int, fn, rank: int, world: int, batch_size: int) -> torch.Tensor:
+    """fn(indices) -> (..., b) over all n items, each rank computing an equal share of batches
+    (the last rank pads with index 0, so collective forwards under ZeRO-3 stay in step), gathered
+    in order along the last dimension."""
+    import math
+
+    per = math.ceil(n / world)
+    mine = [i if i < n else 0 for i in range(rank * per, (rank + 1) * per)]
+    parts = [fn(mine[s:s + batch_size]) for s in range(0, per, batch_size)]
+    local = torch.cat(parts, dim=-1).float().cpu()
+    gathered_all = all_gather_cat(local.movedim(-1, 0)).movedim(0, -1)
+    return gathered_all[..., :n]

@@ -9,6 +9,7 @@ share every line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -205,3 +206,80 @@ def local_parameter_count(module: nn.Module) -> int:
         else:
             total += p.numel()
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained and frozen models of an RL run
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy_model(cfg, policy_path: str) -> nn.Module:
+    """The initial policy as configured (policy.dtype, policy.dropout_off, policy.trust_remote_code)."""
+    from rlhf_overopt.models import load_causal_lm
+
+    p = cfg.policy
+    return load_causal_lm(policy_path, dtype=getattr(torch, p.dtype), trust_remote_code=p.trust_remote_code,
+                          dropout_off=p.dropout_off)
+
+
+@dataclasses.dataclass
+class Actors:
+    """The models an RL driver trains and evaluates against: the policy engine, the value engine
+    (None for value-free methods such as GRPO/RLOO), and the frozen reference (the initial policy)."""
+
+    policy_engine: Any
+    value_engine: Any
+    reference: nn.Module
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.policy_engine.module
+
+    def engines(self) -> dict[str, Any]:
+        """{name: engine} of the trained engines, for checkpoints."""
+        out = {"policy": self.policy_engine}
+        if self.value_engine is not None:
+            out["value"] = self.value_engine
+        return out
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"policy_local_params": local_parameter_count(self.policy),
+                "policy_total_params": sum(int(getattr(q, "ds_numel", q.numel())) for q in self.policy.parameters())}
+
+
+def build_actors(cfg, tokenizer, policy_path: str, *, micro_batch: int, world_size: int, total_updates: int,
+                 value_path: str | None = None, value_heads: int = 1, device: torch.device) -> Actors:
+    """Policy and value engines (AdamW, cosine schedule over `total_updates`, ppo.* learning rates)
+    and the frozen reference, at deepspeed.zero_stage.
+
+    The global RNG is seeded with cfg.seed before the value heads are drawn, so their
+    initialization is the same on every rank.
+    """
+    from rlhf_overopt.models import check_vocabulary
+    from rlhf_overopt.values import ValueModel
+
+    p, stage = cfg.ppo, cfg.deepspeed.zero_stage
+    engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=micro_batch, world_size=world_size,
+                           max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)
+    torch.manual_seed(cfg.seed)
+    policy_model = load_policy_model(cfg, policy_path)
+    check_vocabulary(tokenizer, policy_model)
+    policy_engine = train_engine(policy_model, lr=p.lr, total_steps=total_updates, final_ratio=p.lr_final_ratio,
+                                 config=engine_cfg)
+    value_engine = None
+    if value_path is not None:
+        value_engine = train_engine(ValueModel.from_pretrained_backbone(value_path, value_heads), lr=p.value_lr,
+                                    total_steps=total_updates, final_ratio=p.lr_final_ratio, config=engine_cfg)
+    reference = frozen_model(load_policy_model(cfg, policy_path), zero_stage=stage, config=engine_cfg, device=device)
+    return Actors(policy_engine, value_engine, reference)
+
+
+def save_policy(policy: nn.Module, tokenizer, directory, zero_stage: int, is_main: bool) -> None:
+    """The trained policy as a transformers folder (safetensors), gathered under ZeRO-3."""
+    from rlhf_overopt import dist
+
+    with gathered(policy, zero_stage):
+        if is_main:
+            policy.save_pretrained(directory, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
+    dist.barrier()

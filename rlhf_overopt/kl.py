@@ -90,3 +90,9 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def kl_controller(kl_coef: float, adaptive: bool = False, target: float = 6.0,
+                  horizon: float = 10000) -> FixedKLController | AdaptiveKLController:
+    """A fixed controller, or the adaptive one steering the KL toward `target` (Ziegler et al. 2019, §2.2)."""
+    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)

@@ -11,21 +11,21 @@ from rlhf_overopt.masking import masked_mean
 PREFERENCE_LOSS_TYPES: tuple[str, ...] = ("dpo", "ipo", "slic")
 
 
-def ppo_policy_loss(
+def clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss over valid response tokens.
+    """PPO's clipped surrogate per token, before any averaging.
 
-    `rho = exp(logprobs - old_logprobs)`,
-    `loss = masked_mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))`.
-    Stats (detached 0-d tensors): clipfrac = fraction of valid tokens where the clipped term is
-    the larger; approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)^2); ratio_mean.
+    `rho = exp(logprobs - old_logprobs)`, `l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))`,
+    0 where masked. Stats (detached 0-d tensors, token means): clipfrac = fraction of valid tokens
+    where the clipped term is the larger; approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)^2);
+    ratio_mean.
     Source: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", §3 (Eq. 7).
-    logprobs, old_logprobs, advantages, mask: (B, T). Returns (0-d loss, stats).
+    logprobs, old_logprobs, advantages, mask: (B, T). Returns ((B, T) per-token loss, stats).
     """
     keep = mask.bool()
     # Zero the masked positions before exp, so garbage there cannot produce inf/NaN gradients.
@@ -34,14 +34,55 @@ def ppo_policy_loss(
     ratio = torch.exp(logratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), keep)
+    per_token = torch.where(keep, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), keep),
             "approx_kl": masked_mean(0.5 * logratio**2, keep),
             "ratio_mean": masked_mean(ratio, keep),
         }
-    return loss, stats
+    return per_token, stats
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss averaged over every valid response token of the batch:
+    `loss = masked_mean(clipped_surrogate)` (Schulman et al. 2017, Eq. 7).
+    logprobs, old_logprobs, advantages, mask: (B, T). Returns (0-d loss, stats of `clipped_surrogate`).
+    """
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    return masked_mean(per_token, mask.bool()), stats
+
+
+TOKEN_LOSS_NORMALIZATIONS: tuple[str, ...] = ("sequence", "token", "constant")
+
+
+def normalize_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: int = 0) -> torch.Tensor:
+    """Average a per-token loss into one number, as the GRPO family variants do.
+
+    sequence: `(1/B) sum_i (1/|o_i|) sum_t l_it` — GRPO's objective (Shao et al. 2024, DeepSeekMath,
+    Eq. 3), which weighs a token of a short response more than one of a long response;
+    token: `sum_it l_it / sum_i |o_i|` — one mean over every valid token (as PPO here and DAPO);
+    constant: `(1/B) sum_i (1/L) sum_t l_it` with L = `constant` (the response cap) — Dr. GRPO
+    (Liu et al. 2025, §3.1), which removes GRPO's length bias.
+    per_token, mask: (B, T). Returns a 0-d tensor.
+    """
+    keep = mask.bool()
+    if mode == "token":
+        return masked_mean(per_token, keep)
+    sums = torch.where(keep, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+    if mode == "sequence":
+        return (sums / keep.sum(dim=-1).clamp(min=1).to(per_token.dtype)).mean()
+    if mode == "constant":
+        if constant < 1:
+            raise ValueError(f"constant normalization needs a response cap >= 1, got {constant}")
+        return (sums / constant).mean()
+    raise ValueError(f"unknown loss normalization {mode!r} (known: {', '.join(TOKEN_LOSS_NORMALIZATIONS)})")
 
 
 def ppo_value_loss(

@@ -14,17 +14,13 @@ Shapes: B batch, Tq query width, Tr response width, V vocabulary, d hidden size.
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from rlhf_overopt.masking import has_eos, position_ids_from_mask, response_mask_after_eos
 from rlhf_overopt.records import PromptBatch, Rollout
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def _special_ids(tokenizer) -> tuple[int, int]:
@@ -298,91 +294,3 @@ def sequence_logprobs(
         return logprobs
     entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
     return logprobs, torch.where(keep, entropy, torch.zeros_like(entropy))
-
-
-class ValueModel(nn.Module):
-    """A transformer backbone with a scalar value head on every position.
-
-    `backbone` is a transformers base model (`AutoModel`, no LM or classification head) returning
-    `last_hidden_state` (B, T, d). The head is Linear(d, 1) with weight ~ N(0, std = 1/sqrt(d + 1))
-    and bias 0 (Ziegler et al. 2019; Huang et al. 2024, "N+ details"). The value model is
-    initialized from the reward model or the SFT policy (REFERENCE.md, PPO details):
-    `ValueModel.from_pretrained_backbone(path)` loads the backbone of either checkpoint.
-    """
-
-    def __init__(self, backbone: nn.Module, hidden_size: int | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        d = hidden_size if hidden_size is not None else backbone.config.hidden_size
-        self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, mean=0.0, std=1.0 / math.sqrt(d + 1))
-        nn.init.zeros_(self.head.bias)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-position values. input_ids, attention_mask, position_ids: (B, T). Returns (B, T)."""
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-
-    @classmethod
-    def from_pretrained_backbone(cls, path: str | os.PathLike, **kwargs) -> ValueModel:
-        """Backbone of any saved transformers model (causal LM, reward model) + a fresh head.
-
-        kwargs go to `AutoModel.from_pretrained` (e.g. dtype).
-        """
-        from transformers import AutoModel
-
-        return cls(AutoModel.from_pretrained(path, **kwargs))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Backbone via `save_pretrained`, head as `value_head.safetensors` in the same folder."""
-        from safetensors.torch import save_file
-
-        self.backbone.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(state, os.path.join(directory, VALUE_HEAD_FILE))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> ValueModel:
-        """Load what `save_pretrained` wrote. kwargs go to `AutoModel.from_pretrained`."""
-        from safetensors.torch import load_file
-
-        model = cls.from_pretrained_backbone(directory, **kwargs)
-        model.head.load_state_dict(load_file(os.path.join(directory, VALUE_HEAD_FILE)))
-        return model
-
-
-def response_values(
-    value_model: ValueModel | Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Value of the state before each response token: `values[:, t] = V(query, response_<t)`.
-
-    One forward over cat(query, response); value[t] is read from position Tq - 1 + t, the last
-    token seen before response token t is generated (the query's last token for t = 0). This is
-    the alignment GAE expects: values[t] pairs with the reward of action response_t.
-    `value_model(input_ids, attention_mask, position_ids)` returns per-position values (B, T).
-    Masked positions are 0; gradients flow (value loss).
-    query_ids, query_mask: (B, Tq) left-padded; response_ids, response_mask: (B, Tr).
-    Returns (B, Tr).
-    """
-    query_len, response_len = query_ids.shape[1], response_ids.shape[1]
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    values = value_model(input_ids, attention_mask, position_ids_from_mask(attention_mask))
-    values = values[:, query_len - 1 : query_len - 1 + response_len]
-    return torch.where(response_mask.bool(), values, torch.zeros_like(values))

@@ -21,7 +21,8 @@ from typing import Any
 
 from rlhf_overopt import dist
 from rlhf_overopt.config import Config, to_dict
-from rlhf_overopt.loops.common import InputError, RunContext
+from rlhf_overopt.errors import InputError
+from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.runs import file_lock
 
 log = logging.getLogger("rlhf_overopt")
