@@ -51,3 +51,14 @@ def prompt_draw(n_prompts: int, batch_size: int, seed: int, step: int, rank: int
     prompts (without replacement) from `n_prompts`."""
     draw = torch.randperm(n_prompts, generator=step_generator(seed, step))[:batch_size]
     return [int(i) for i in draw[rank * local_batch:(rank + 1) * local_batch]]
+
+
+def batch_indices(step: int, steps_per_epoch: int, batch_size: int, n_pairs: int, seed: int, rank: int,
+                  world: int) -> torch.Tensor:
+    """This rank's contiguous share of the step's global batch; the epoch's permutation depends on
+    (seed, epoch) only."""
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_pairs, generator=step_generator(seed, epoch))
+    batch = order[position * batch_size:(position + 1) * batch_size]
+    local = batch_size // world
+    return batch[rank * local:(rank + 1) * local]

@@ -31,36 +31,33 @@ uninterrupted one does.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_overopt import dist
-from rlhf_overopt.aggregate import aggregate
-from rlhf_overopt.config import Config
-from rlhf_overopt.curves import check_finite, evaluate_policy
+from rlhf_overopt import dist, seeds
+from rlhf_overopt.aggregate import aggregator
+from rlhf_overopt.checkpoints import Checkpointer
+from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import (
-    checked_step,
     ds_config,
     ensure_process_group,
     frozen_model,
-    gathered,
+    load_policy_model,
+    save_policy,
     train_engine,
 )
-from rlhf_overopt.loops.common import EvalLog, InputError, RunContext, resume_step
-from rlhf_overopt.loops.ppo import Checkpointer, step_generator
-from rlhf_overopt.losses import madpo_weights, preference_loss
-from rlhf_overopt.models import context_length, load_causal_lm, load_tokenizer
+from rlhf_overopt.errors import InputError
+from rlhf_overopt.evaluate import EvalLog, check_finite, evaluate_policy
+from rlhf_overopt.gold import GoldScorer
+from rlhf_overopt.lifecycle import RunContext, resume_step
+from rlhf_overopt.margins import margin_weights
+from rlhf_overopt.models import context_length, load_tokenizer
+from rlhf_overopt.plan import preference_schedule
 from rlhf_overopt.preferences import (
-    PairBatch,
     PreferenceDataError,
     collate_pairs,
     corpus_tier,
@@ -69,9 +66,10 @@ from rlhf_overopt.preferences import (
     load_preference_dataset,
     tokenize_pairs,
 )
-from rlhf_overopt.rollout import sequence_logprobs
-from rlhf_overopt.runs import append_jsonl, atomic_write_bytes, atomic_write_json
+from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies
+from rlhf_overopt.runs import append_jsonl
 from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.update import pair_logprobs, preference_step
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -81,81 +79,18 @@ log = logging.getLogger("rlhf_overopt")
 # ---------------------------------------------------------------------------------------------
 
 
-class PolicyCheckpointer(Checkpointer):
-    """PPO's checkpoint layout with the policy engine only: checkpoints/policy/step_N, then
-    state.json (written last, atomically) naming step N."""
-
-    def save_policy(self, step: int, engine, is_main: bool) -> None:
-        tag = f"step_{step}"
-        engine.save_checkpoint(str(self.root / "policy"), tag=tag)
-        dist.barrier()
-        if is_main:
-            atomic_write_json(self.state_path, {"step": step, "tag": tag})
-            tags = sorted((d for d in (self.root / "policy").glob("step_*") if d.is_dir()),
-                          key=lambda d: int(d.name.split("_")[1]))
-            for old in tags[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def load_policy(self, state: dict[str, Any], engine) -> int:
-        path, _ = engine.load_checkpoint(str(self.root / "policy"), tag=state["tag"])
-        if path is None:
-            raise RuntimeError(f"checkpoint {self.root / 'policy' / state['tag']} could not be loaded")
-        return int(state["step"])
 
 
-def schedule(n_pairs: int, batch_size: int, epochs: float, evals_per_epoch: int) -> tuple[int, int, list[int]]:
-    """(steps per epoch, total steps, evaluation steps). The last partial batch of an epoch is
-    dropped; evaluations at step 0, every 1/evals_per_epoch of an epoch, and the last step."""
-    steps_per_epoch = n_pairs // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_pairs} pairs are fewer than one batch of {batch_size}")
-    total = max(1, round(epochs * steps_per_epoch))
-    per_eval = steps_per_epoch / evals_per_epoch
-    evals = {0, total, *(round(k * per_eval) for k in range(1, math.ceil(total / per_eval)))}
-    return steps_per_epoch, total, sorted(evals)
 
 
-def batch_indices(step: int, steps_per_epoch: int, batch_size: int, n_pairs: int, seed: int, rank: int,
-                  world: int) -> torch.Tensor:
-    """This rank's contiguous share of the step's global batch; the epoch's permutation depends on
-    (seed, epoch) only."""
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_pairs, generator=step_generator(seed, epoch))
-    batch = order[position * batch_size:(position + 1) * batch_size]
-    local = batch_size // world
-    return batch[rank * local:(rank + 1) * local]
 
 
-def pair_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of the chosen and rejected rows: (b,), (b,)."""
-    logprobs = sequence_logprobs(model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    return logprobs.sum(-1).chunk(2)
 
 
-def pair_lengths(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response token counts of the chosen and rejected rows: (b,), (b,) float."""
-    return batch.response_mask.sum(-1).float().clamp(min=1.0).chunk(2)
 
 
-def sharded_map(n: int, fn, rank: int, world: int, batch_size: int) -> torch.Tensor:
-    """fn(indices) -> (..., b) over all n items, each rank computing an equal share of batches
-    (the last rank pads with index 0, so collective forwards under ZeRO-3 stay in step), gathered
-    in order along the last dimension."""
-    per = math.ceil(n / world)
-    mine = [i if i < n else 0 for i in range(rank * per, (rank + 1) * per)]
-    parts = [fn(mine[s:s + batch_size]) for s in range(0, per, batch_size)]
-    local = torch.cat(parts, dim=-1).float().cpu()
-    gathered_all = dist.all_gather_cat(local.movedim(-1, 0)).movedim(0, -1)
-    return gathered_all[..., :n]
 
 
-def summary_stats(x: torch.Tensor) -> dict[str, float]:
-    """mean / std / min / quantiles / max of a 1-D tensor."""
-    q = torch.quantile(x.double(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.double))
-    return {"mean": float(x.mean()), "std": float(x.std()) if len(x) > 1 else 0.0, "min": float(x.min()),
-            "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "q95": float(q[4]),
-            "max": float(x.max())}
 
 
 def load_pairs(ctx: RunContext, gold, tokenizer) -> tuple[dict[str, list[Any]], dict[str, Any]]:
@@ -197,45 +132,9 @@ def load_pairs(ctx: RunContext, gold, tokenizer) -> tuple[dict[str, list[Any]], 
 # ---------------------------------------------------------------------------------------------
 
 
-def preference_step(policy_engine, reference, batch, idx: torch.Tensor, ref_logps: torch.Tensor | None,
-                    weights: torch.Tensor | None, d, step: int) -> dict[str, float]:
-    """One optimizer step of the DPO family on this rank's pairs `batch` (global indices `idx`).
-
-    Log-probs of chosen and rejected under the policy (with gradients) and the reference (from
-    `ref_logps (2, M)` when precomputed, else a no-grad forward), optional length normalization,
-    the family loss with optional MADPO weights, backward and step. Returns the step's statistics
-    averaged over ranks: loss, reward accuracy (implicit reward margin > 0), chosen and rejected
-    implicit rewards beta * (log pi - log pi_ref), and their margin.
-    """
-    policy_engine.train()
-    policy_chosen, policy_rejected = pair_logprobs(policy_engine, batch)
-    if ref_logps is not None:
-        ref_chosen, ref_rejected = (ref_logps[:, idx].to(policy_chosen.device)).unbind(0)
-    else:
-        with torch.no_grad():
-            ref_chosen, ref_rejected = pair_logprobs(reference, batch)
-    if d.length_normalize:
-        len_chosen, len_rejected = pair_lengths(batch)
-        policy_chosen, ref_chosen = policy_chosen / len_chosen, ref_chosen / len_chosen
-        policy_rejected, ref_rejected = policy_rejected / len_rejected, ref_rejected / len_rejected
-    w = weights[idx].to(policy_chosen.device) if weights is not None else None
-    loss, _, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=d.beta, loss_type=d.loss_type, weights=w)
-    check_finite(loss, f"{d.loss_type} loss", step)
-    policy_engine.backward(loss)
-    checked_step(policy_engine, "policy", step)
-    margin = chosen_rewards - rejected_rewards
-    local = torch.stack([loss.detach(), (margin > 0).float().mean(), chosen_rewards.mean(),
-                         rejected_rewards.mean(), margin.mean()]).cpu()
-    means = dist.all_reduce_mean(local)
-    return {"loss": float(means[0]), "reward_accuracy": float(means[1]), "chosen_reward": float(means[2]),
-            "rejected_reward": float(means[3]), "reward_margin": float(means[4])}
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies
-
     cfg, d, info = ctx.cfg, ctx.cfg.dpo, ctx.dist
     ensure_process_group(info.device)
     world, rank = info.world_size, info.rank
@@ -245,15 +144,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     # 0. models: tokenizer, gold, initial policy (proxies after the data checks: they may need training)
-    policy_path = str(ctx.testbed.policy_dir) if cfg.policy.path == "testbed" else cfg.policy.path
+    policy_path = initial_policy_path(cfg, ctx.testbed)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
-
-    def load_policy():
-        return load_causal_lm(policy_path, dtype=getattr(torch, cfg.policy.dtype),
-                              trust_remote_code=cfg.policy.trust_remote_code, dropout_off=cfg.policy.dropout_off)
-
-    policy = load_policy()
+    policy = load_policy_model(cfg, policy_path)
 
     # 1. data: pairs as text (quality tier or user dataset), validated, then tokens
     t = time.time()
@@ -267,7 +161,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     n_pairs = len(pairs)
     if n_pairs < d.batch_size:
         raise InputError(f"the preference dataset has {n_pairs} pairs, fewer than one batch ({d.batch_size})")
-    steps_per_epoch, total_steps, eval_steps = schedule(n_pairs, d.batch_size, d.epochs, d.evals_per_epoch)
+    steps_per_epoch, total_steps, eval_steps = preference_schedule(n_pairs, d.batch_size, d.epochs, d.evals_per_epoch)
     data_info.update(n_truncated=pairs.n_truncated, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if ctx.testbed is not None:
         eval_prompts = list(ctx.testbed.load_prompts()["eval"]["prompt"])[: cfg.eval.n_prompts]
@@ -283,7 +177,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # 2. proxies: they score every evaluation; madpo weights from their margins, once
     t = time.time()
-    ensemble = ensure_proxies(ctx).to(info.device)
+    ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     timings["proxies_s"] = time.time() - t
     weights, madpo_info = None, {}
     if cfg.method == "madpo":
@@ -299,7 +193,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                            max_grad_norm=d.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)
     policy_engine = train_engine(policy, lr=d.lr, total_steps=total_steps, final_ratio=d.lr_final_ratio,
                                  config=engine_cfg)
-    reference = frozen_model(load_policy(), zero_stage=stage, config=engine_cfg, device=info.device)
+    reference = frozen_model(load_policy_model(cfg, policy_path), zero_stage=stage, config=engine_cfg, device=info.device)
     policy = policy_engine.module
     ref_logps = None
     if d.precompute_ref:
@@ -311,27 +205,27 @@ def run(ctx: RunContext) -> dict[str, Any]:
                                              .to(info.device))
             return torch.stack([chosen, rejected])
 
-        ref_logps = sharded_map(n_pairs, ref_fn, rank, world, d.logprob_batch_size)  # (2, N)
+        ref_logps = dist.sharded_map(n_pairs, ref_fn, rank, world, d.logprob_batch_size)  # (2, N)
         check_finite(ref_logps, "reference log-probs", 0)
         timings["reference_s"] = time.time() - t
 
     # resume from the last complete checkpoint
-    ckpt = PolicyCheckpointer(ctx.run.checkpoints)
-    start, _ = resume_step(ctx, ckpt, lambda state: ckpt.load_policy(state, policy_engine))
+    ckpt = Checkpointer(ctx.run.checkpoints)
+    start, _ = resume_step(ctx, ckpt, {"policy": policy_engine})
     tracker = Tracker(cfg, enabled=info.is_main)
-    eval_log = EvalLog(ctx, tracker)
+    eval_log = EvalLog(ctx.run, tracker)
+    agg = cfg.aggregate
+    objective = aggregator(agg.name, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k, variance=agg.variance, k=ensemble.k)
     extra = {"beta": d.beta, "loss_type": d.loss_type, "quality": data_info.get("quality", "user"),
              **({"margin_aggregator": cfg.madpo.margin_aggregator} if cfg.method == "madpo" else {})}
 
-    def evaluate(step: int) -> dict[str, Any]:
-        row, samples = evaluate_policy(
-            policy=policy, reference=reference, tokenizer=tokenizer, prompts=eval_share, ensemble=ensemble,
-            gold=gold, agg=cfg.aggregate, ev=cfg.eval, zero_stage=stage, seed=cfg.seed * 7919 + rank,
-            method=cfg.method, step=step, extra={**extra, "epoch": step / steps_per_epoch})
-        eval_log.record(step, row, samples)
-        log.info("eval step %d (epoch %.2f): gold %.3f proxy %.3f kl %.2f", step, step / steps_per_epoch,
-                 row["gold_score"], row["proxy_score"], row["kl"])
-        return row
+    def evaluate(step: int) -> None:
+        point, samples = evaluate_policy(
+            policy=policy, reference=reference, tokenizer=tokenizer, prompts=eval_share, gold=gold, ev=cfg.eval,
+            zero_stage=stage, generator=seeds.eval_generator(cfg.seed, rank, info.device), method=cfg.method,
+            step=step, aggregator=agg.name, ensemble=ensemble, aggregate_fn=objective,
+            extra={**extra, "epoch": step / steps_per_epoch})
+        eval_log.record(point, samples)
 
     t_eval = 0.0
     if start == 0:
@@ -344,7 +238,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     for step in progress:
         t0 = time.time()
         # 4. batch: this rank's share of the step's global batch
-        idx = batch_indices(step, steps_per_epoch, d.batch_size, n_pairs, cfg.seed, rank, world)
+        idx = seeds.batch_indices(step, steps_per_epoch, d.batch_size, n_pairs, cfg.seed, rank, world)
         batch = collate_pairs(pairs, idx.tolist(), tokenizer.pad_token_id).to(info.device)
         # 5-6. log-probs (policy with gradients, reference precomputed or now), loss, update
         step_stats = preference_step(policy_engine, reference, batch, idx, ref_logps, weights, d, step)
@@ -361,13 +255,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             evaluate(done)
             t_eval += time.time() - t
         if done % d.save_every == 0 or done == total_steps:
-            ckpt.save_policy(done, policy_engine, info.is_main)
+            ckpt.save(done, {"policy": policy_engine}, {}, info.is_main)
     # 8. the trained policy, loadable by any transformers user (safetensors)
-    with gathered(policy, stage):
-        if info.is_main:
-            policy.save_pretrained(ctx.run.root / "policy", safe_serialization=True)
-            tokenizer.save_pretrained(ctx.run.root / "policy")
-    dist.barrier()
+    save_policy(policy, tokenizer, ctx.run.root / "policy", stage, info.is_main)
     tracker.finish()
     timings["train_s"] = time.time() - t_start - t_eval
     timings["eval_s"] = t_eval
@@ -375,102 +265,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "timings_s": {k: round(v, 2) for k, v in timings.items()}, **({"madpo": madpo_info} if madpo_info else {})}
 
 
-MARGIN_CACHE_VERSION = 1
-PAIR_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "chosen_ended", "rejected_ended")
 
 
-def margin_cache_path(cfg: Config, ensemble_root: Path, columns: dict[str, list[Any]], world: int) -> Path:
-    """<cache root>/margins/<key>.safetensors for the member margins of these pairs.
-
-    The key holds everything the margins depend on: the ensemble's folder and every file in it
-    (path, size, modification time: an ensemble retrained in place gets a new key), raw or
-    standardized scores, the pair texts and ended flags, and how scoring is batched (batch size
-    and ranks change padding, hence the last bits of a score), so a cached run equals an uncached one.
-    """
-    from rlhf_overopt.testbed.build import resolve_cache_dir
-
-    root = Path(ensemble_root).resolve()
-    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                   for f in root.rglob("*") if f.is_file())
-    pairs = hashlib.sha256(json.dumps([columns[c] for c in PAIR_TEXT_COLUMNS]).encode("utf-8")).hexdigest()
-    key = json.dumps({"version": MARGIN_CACHE_VERSION, "ensemble": str(root), "files": files,
-                      "standardized": cfg.madpo.standardized_margins, "pairs": pairs,
-                      "score_batch_size": cfg.proxy.score_batch_size, "world": world}, sort_keys=True)
-    name = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-    return resolve_cache_dir(cfg.testbed) / "margins" / f"{name}.safetensors"
 
 
-def load_cached_margins(path: Path | None, n: int) -> torch.Tensor | None:
-    """The cached (K, n) member margins when every rank finds them (ranks decide together, since
-    scoring is collective), else None."""
-    have = path is not None and path.is_file()
-    if float(dist.all_reduce_mean(torch.tensor([float(have)]))) < 1.0:
-        return None
-    from safetensors.torch import load_file
-
-    margins = load_file(str(path))["member_margins"]
-    if margins.dim() != 2 or margins.shape[1] != n:
-        raise RuntimeError(f"{path}: cached margins have shape {tuple(margins.shape)}, expected (K, {n})")
-    return margins
 
 
-def save_cached_margins(path: Path, margins: torch.Tensor) -> None:
-    """Write (K, N) member margins atomically as safetensors."""
-    from safetensors.torch import save
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"member_margins": margins.contiguous()}))
 
 
-def margin_weights(cfg: Config, ensemble, columns: dict[str, list[Any]], rank: int,
-                   world: int, ensemble_root: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Step 2: MADPO weights w(h) (N,) with h the aggregated member margins, and their statistics.
-
-    Member margins (K, N) = r_i(prompt + chosen) - r_i(prompt + rejected), from raw Bradley-Terry
-    scores unless madpo.standardized_margins (a score offset cancels in a margin; the scale is what
-    the weight's sigmoid reads). The aggregator is applied to the margins themselves. With
-    `ensemble_root` (the saved ensemble's folder) the member margins are cached by
-    `margin_cache_path`, so runs that differ only in aggregator, beta or optimizer settings
-    score the pairs once.
-    """
-    m, agg = cfg.madpo, cfg.aggregate
-
-    def score(idx: list[int]) -> torch.Tensor:
-        prompts = [columns["prompt"][i] for i in idx]
-        chosen = ensemble.score_texts(prompts, [columns["chosen"][i] for i in idx],
-                                      [columns["chosen_ended"][i] for i in idx], standardized=m.standardized_margins)
-        rejected = ensemble.score_texts(prompts, [columns["rejected"][i] for i in idx],
-                                        [columns["rejected_ended"][i] for i in idx],
-                                        standardized=m.standardized_margins)
-        return (chosen - rejected).float().cpu()
-
-    n = len(columns["prompt"])
-    cache = margin_cache_path(cfg, ensemble_root, columns, world) if ensemble_root is not None else None
-    member_margins = load_cached_margins(cache, n)
-    cached = member_margins is not None
-    if member_margins is None:
-        member_margins = sharded_map(n, score, rank, world, cfg.proxy.score_batch_size)  # (K, N)
-        if cache is not None and rank == 0 and bool(torch.isfinite(member_margins).all()):
-            save_cached_margins(cache, member_margins)
-    for i in range(member_margins.shape[0]):
-        check_finite(member_margins[i], f"proxy member {i} margin", 0)
-    margins = aggregate(member_margins, m.margin_aggregator, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k,
-                        variance=agg.variance)
-    weights = madpo_weights(margins, c_max=m.c_max, c_min=m.c_min or None, lam=m.lam, tau=m.tau)
-    stats: dict[str, Any] = {
-        "member_margins_cached": cached,
-        "margin_aggregator": m.margin_aggregator,
-        "standardized_margins": m.standardized_margins,
-        "margins": summary_stats(margins),
-        "member_margin_means": [float(v) for v in member_margins.mean(1)],
-        "label_agreement": float((margins > 0).float().mean()),
-        "weights": summary_stats(weights),
-        "share_downweighted": float((weights < 1).float().mean()),
-    }
-    if "label_flipped" in columns:
-        flipped = torch.tensor([bool(v) for v in columns["label_flipped"]])
-        if flipped.any() and (~flipped).any():
-            # does the margin find the noisy labels? (testbed: flipped pairs should weigh less)
-            stats["weight_mean_flipped_labels"] = float(weights[flipped].mean())
-            stats["weight_mean_clean_labels"] = float(weights[~flipped].mean())
-    return weights, stats
