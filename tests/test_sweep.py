@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_overopt.config import Config, parse_override
-from rlhf_overopt.runs import read_jsonl
-from rlhf_overopt.sweep import (
+from launch.supervisor import (
     SweepError,
     build_command,
     expand_grid,
@@ -27,6 +25,8 @@ from rlhf_overopt.sweep import (
     run_names,
     wandb_sweep_spec,
 )
+from rlhf_overopt.config import Config, parse_override
+from rlhf_overopt.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_CLI = ROOT / "launch" / "sweep.py"
