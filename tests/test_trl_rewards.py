@@ -1,5 +1,6 @@
-"""WeightedComponentReward: fixed and hypervolume-guided weights as a TRL reward function, checked
-against hand-worked numbers, its errors, the ComponentRewards adapter, and one GRPO + RLOO run."""
+"""TRL reward functions, checked against hand-worked numbers, their errors and real GRPO + RLOO runs:
+WeightedComponentReward (fixed and hypervolume-guided weights, the ComponentRewards adapter) and
+EnsembleReward (a proxy ensemble under one aggregator)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ import torch
 from rlhf_overopt.components import ComponentRewards
 from rlhf_overopt.config import AggregateConfig
 from rlhf_overopt.errors import NonFiniteError
-from rlhf_overopt.trl_rewards import WeightedComponentReward, completion_ended, weighted_reward
+from rlhf_overopt.trl_rewards import (
+    EnsembleReward,
+    WeightedComponentReward,
+    completion_ended,
+    weighted_reward,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,6 +226,114 @@ def test_from_components_reads_ended_off_completion_ids():
         reward(prompts=["p"], completions=[[{"role": "assistant", "content": "ab"}]], completion_ids=[[1]])
     with pytest.raises(ValueError, match="eos_token_ids"):
         WeightedComponentReward.from_components(components, AggregateConfig(), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# EnsembleReward: a proxy ensemble under one aggregator (Coste et al. 2023)
+# ---------------------------------------------------------------------------------------------
+
+# K = 3 members, B = 2 completions.
+#   completion 0: members (1, 2, 6): mean 3, min 1, population var ((-2)^2 + (-1)^2 + 3^2) / 3 = 14/3
+#   completion 1: members (4, 0, 2): mean 2, min 0, population var (2^2 + (-2)^2 + 0^2) / 3 = 8/3
+FIXED_SCORES = [[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]]
+EOS = 0
+
+
+class FixedEnsemble:
+    """An 'ensemble' returning a fixed (K, B) table; records the ended flags it was given."""
+
+    def __init__(self, table) -> None:
+        self.table = torch.tensor(table)
+        self.k = self.table.shape[0]
+        self.seen: list[tuple[list[str], list[bool]]] = []
+
+    def score_texts(self, prompts, responses, ended):
+        self.seen.append((list(responses), list(ended)))
+        return self.table.clone()
+
+
+def call_ensemble(reward: EnsembleReward, **kwargs) -> list[float]:
+    """Two completions, as TRL passes them: the first ended with EOS (TRL keeps the EOS id as the last
+    id and strips its text), the second was cut off; plus an extra dataset column and TRL's hooks."""
+    return reward(prompts=["p", "q"], completions=["good", "bad film"], completion_ids=[[5, 6, EOS], [5, 7, 8]],
+                  topic=["x", "y"], trainer_state=None, log_extra=lambda *a: None, **kwargs)
+
+
+@pytest.mark.parametrize("aggregator, kwargs, expected", [
+    ("mean", {}, [3.0, 2.0]),
+    ("wco", {}, [1.0, 0.0]),
+    # uwo, lambda 0.75, population variance: 3 - 0.75 * 14/3 = 3 - 3.5 = -0.5; 2 - 0.75 * 8/3 = 2 - 2 = 0
+    ("uwo", {"uwo_lambda": 0.75}, [-0.5, 0.0]),
+    # default lambda 0.5: 3 - 7/3 = 2/3; 2 - 4/3 = 2/3
+    ("uwo", {}, [2 / 3, 2 / 3]),
+    # sample variance divides by K - 1 = 2: 3 - 0.75 * 7 = -2.25; 2 - 0.75 * 4 = -1
+    ("uwo", {"uwo_lambda": 0.75, "variance": "sample"}, [-2.25, -1.0]),
+    ("member_1", {}, [2.0, 0.0]),
+    ("median", {}, [2.0, 2.0]),
+    # mean - 1 * std: std = sqrt(14/3), sqrt(8/3)
+    ("mean_minus_std", {}, [3.0 - math.sqrt(14 / 3), 2.0 - math.sqrt(8 / 3)]),
+])
+def test_ensemble_reward_aggregators_against_hand_worked_numbers(aggregator, kwargs, expected):
+    reward = EnsembleReward(FixedEnsemble(FIXED_SCORES), aggregator, eos_token_ids=EOS, **kwargs)
+    assert call_ensemble(reward) == pytest.approx(expected)
+    assert reward.__name__ == f"ensemble_{aggregator}"
+
+
+def test_ensemble_reward_reads_ended_off_completion_ids_and_logs_member_stats():
+    ensemble = FixedEnsemble(FIXED_SCORES)
+    reward = EnsembleReward(ensemble, "uwo", uwo_lambda=0.75, eos_token_ids=[EOS, 99], name="ens")
+    logged: dict[str, float] = {}
+    out = call_ensemble(reward, log_metric=lambda key, value: logged.__setitem__(key, value))
+    # the first completion's last id is EOS: ended; the second's is not
+    assert ensemble.seen == [(["good", "bad film"], [True, False])]
+    assert out == pytest.approx([-0.5, 0.0])
+    # member means over the two completions: (1 + 4) / 2, (2 + 0) / 2, (6 + 2) / 2; disagreement: the
+    # population std across members, averaged over completions; score: mean of the uwo rewards
+    member_std = (math.sqrt(14 / 3) + math.sqrt(8 / 3)) / 2
+    assert logged == pytest.approx({"ens/member_0": 2.5, "ens/member_1": 1.0, "ens/member_2": 4.0,
+                                    "ens/member_std": member_std, "ens/score": -0.25})
+    assert reward.history == [{"call": 0, "global_step": None, "member_means": pytest.approx([2.5, 1.0, 4.0]),
+                               "member_std": pytest.approx(member_std), "score_mean": pytest.approx(-0.25)}]
+    call_ensemble(reward)
+    assert [h["call"] for h in reward.history] == [0, 1] and reward.calls == 2
+
+
+def test_ensemble_reward_nan_member_score_names_the_member_and_completion():
+    table = [[1.0, 4.0], [2.0, float("nan")], [6.0, 2.0]]
+    reward = EnsembleReward(FixedEnsemble(table), "mean", eos_token_ids=EOS)
+    with pytest.raises(NonFiniteError, match="member_1 score is not finite at completion 1"):
+        call_ensemble(reward)
+    assert reward.history == [] and reward.calls == 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"aggregator": "bogus"}, ValueError, "unknown aggregator 'bogus'"),
+    ({"aggregator": "member_3"}, ValueError, "member index 3 out of range for an ensemble of size 3"),
+    ({"variance": "unbiased"}, ValueError, "variance"),
+    ({"uwo_lambda": -1.0}, ValueError, "uwo_lambda"),
+    ({"eos_token_ids": []}, ValueError, "eos_token_ids"),
+])
+def test_ensemble_reward_bad_settings_raise_at_construction(kwargs, error, match):
+    args = {"aggregator": "uwo", "eos_token_ids": EOS, **kwargs}
+    ensemble = FixedEnsemble(FIXED_SCORES)
+    with pytest.raises(error, match=match):
+        EnsembleReward(ensemble, **args)
+    assert ensemble.seen == []
+
+
+def test_ensemble_reward_refuses_conversational_input_and_missing_ids():
+    reward = EnsembleReward(FixedEnsemble(FIXED_SCORES), "mean", eos_token_ids=EOS)
+    chat = [[{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}]]
+    with pytest.raises(ValueError, match="conversational"):
+        reward(prompts=["p", "q"], completions=chat, completion_ids=[[1], [2]])
+    with pytest.raises(ValueError, match="conversational"):
+        reward(prompts=[[{"role": "user", "content": "p"}]] * 2, completions=["a", "b"], completion_ids=[[1], [2]])
+    with pytest.raises(ValueError, match="completion_ids"):
+        reward(prompts=["p", "q"], completions=["a", "b"])
+    wrong_k = EnsembleReward(FixedEnsemble(FIXED_SCORES[:2]), "mean", eos_token_ids=EOS)
+    wrong_k.k = 3  # claims more members than it returns
+    with pytest.raises(ValueError, match=r"\(K, B\) = \(3, 2\).*\(2, 2\)"):
+        call_ensemble(wrong_k)
 
 
 # ---------------------------------------------------------------------------------------------
