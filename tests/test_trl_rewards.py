@@ -341,17 +341,14 @@ def test_ensemble_reward_refuses_conversational_input_and_missing_ids():
 # accelerate / torch.distributed state does not leak into the rest of the session)
 # ---------------------------------------------------------------------------------------------
 
-E2E_SCRIPT = r"""
+E2E_SETUP = r"""
 import json, math, sys
 import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rlhf_overopt.components import ComponentRewards
-from rlhf_overopt.config import AggregateConfig
 from rlhf_overopt.testbed.tokenizer import train_tokenizer
-from rlhf_overopt.trl_rewards import WeightedComponentReward
 
 out = sys.argv[1]
 words = ["the", "film", "was", "good", "bad", "plot", "fun", "boring", "great", "acting"]
@@ -363,6 +360,15 @@ GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_lay
                            pad_token_id=tok.pad_token_id)).save_pretrained(out + "/model")
 prompts = ["the film was", "the plot", "acting was", "but the", "great", "a bad", "fun", "the score"]
 dataset = Dataset.from_dict({"prompt": prompts, "topic": ["film"] * len(prompts)})  # an extra column
+common = dict(report_to=[], use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4,
+              num_generations=2, max_completion_length=6, logging_steps=1, save_strategy="no",
+              learning_rate=1e-3, generation_kwargs={"forced_eos_token_id": tok.eos_token_id})
+"""
+
+E2E_SCRIPT = E2E_SETUP + r"""
+from rlhf_overopt.components import ComponentRewards
+from rlhf_overopt.config import AggregateConfig
+from rlhf_overopt.trl_rewards import WeightedComponentReward
 
 
 class TextFeatures:  # an 'ensemble' of one member scoring a text feature
@@ -379,9 +385,6 @@ class TextFeatures:  # an 'ensemble' of one member scoring a text feature
 spaces, length = TextFeatures(lambda r: r.count(" ")), TextFeatures(lambda r: -len(r) / 10)
 components = ComponentRewards(["spaces", "length"], ["a", "b"], [spaces, length])
 result = {}
-common = dict(report_to=[], use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4,
-              num_generations=2, max_completion_length=6, logging_steps=1, save_strategy="no",
-              learning_rate=1e-3, generation_kwargs={"forced_eos_token_id": tok.eos_token_id})
 for kind, config, trainer_cls in (("grpo", GRPOConfig, GRPOTrainer), ("rloo", RLOOConfig, RLOOTrainer)):
     extra = {"scale_rewards": "none"} if kind == "grpo" else {}
     reward = WeightedComponentReward.from_components(components, AggregateConfig(), tok.eos_token_id,
@@ -401,16 +404,20 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.mark.slow
-def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
+def _run_e2e(script: str, tmp_path: Path) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", E2E_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
+    result = _run_e2e(E2E_SCRIPT, tmp_path)
     for kind in ("grpo", "rloo"):
         r = result[kind]
         assert r["global_step"] == 2, r
@@ -426,6 +433,51 @@ def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
     # forced_eos_token_id makes every completion end with EOS: TRL strips its text, the ids show it
     assert result["ended"] and all(result["ended"])
     assert not result["eos_text_in_completions"]
+
+
+ENSEMBLE_E2E_SCRIPT = E2E_SETUP + r"""
+from transformers import GPT2ForSequenceClassification
+
+from rlhf_overopt.proxy import ProxyEnsemble
+from rlhf_overopt.trl_rewards import EnsembleReward
+
+# a real (untrained) proxy ensemble: three independent tiny GPT-2 reward models, raw scores
+members = []
+for i in range(3):
+    torch.manual_seed(100 + i)
+    members.append(GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval())
+ensemble = ProxyEnsemble("independent", tok, [f"member_{i}" for i in range(3)], models=members, max_length=32,
+                         standardize=False)
+result = {}
+for kind, config, trainer_cls, aggregator in (("grpo", GRPOConfig, GRPOTrainer, "uwo"),
+                                              ("rloo", RLOOConfig, RLOOTrainer, "wco")):
+    reward = EnsembleReward(ensemble, aggregator, eos_token_ids=tok.eos_token_id)
+    trainer = trainer_cls(model=out + "/model", reward_funcs=[reward], train_dataset=dataset, processing_class=tok,
+                          args=config(output_dir=f"{out}/{kind}", **common))
+    trainer.train()
+    keys = set().union(*(row.keys() for row in trainer.state.log_history))
+    result[kind] = {"name": reward.__name__, "global_step": trainer.state.global_step, "calls": reward.calls,
+                    "history": reward.history, "logged": sorted(k for k in keys if reward.__name__ in k)}
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_grpo_and_rloo_trainers_run_with_the_ensemble_reward(tmp_path):
+    result = _run_e2e(ENSEMBLE_E2E_SCRIPT, tmp_path)
+    for kind, name in (("grpo", "ensemble_uwo"), ("rloo", "ensemble_wco")):
+        r = result[kind]
+        assert r["name"] == name and r["global_step"] == 2, r
+        assert f"rewards/{name}/mean" in r["logged"], r["logged"]
+        assert {f"{name}/member_std", f"{name}/score", f"{name}/member_2"} <= set(r["logged"]), r["logged"]
+        assert r["calls"] >= 2 and len(r["history"]) == r["calls"]
+        for h in r["history"]:
+            assert len(h["member_means"]) == 3
+            assert all(math.isfinite(x) for x in [*h["member_means"], h["member_std"], h["score_mean"]]), h
+            assert h["member_std"] > 0  # three differently initialized members disagree
+        assert [h["call"] for h in r["history"]] == list(range(r["calls"]))
 
 
 DIST_SCRIPT = r"""
