@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import yaml  # noqa: E402
 
-from rlhf_overopt.sweep import (  # noqa: E402
+from launch.supervisor import (  # noqa: E402
     PlannedRun,
     Sweep,
     SweepError,
@@ -44,7 +44,7 @@ from rlhf_overopt.sweep import (  # noqa: E402
     wandb_sweep_spec,
 )
 
-log = logging.getLogger("rlhf_overopt.sweep")
+log = logging.getLogger("launch.sweep")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

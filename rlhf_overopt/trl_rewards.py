@@ -1,8 +1,19 @@
-"""Component rewards with fixed or hypervolume-guided weights as a TRL reward function (Lu et al. 2025,
-"Learning to Optimize Multi-Objective Alignment Through Dynamic Reward Weighting").
+"""Reward functions for TRL's `GRPOTrainer` and `RLOOTrainer` (entries of `reward_funcs`).
 
-`WeightedComponentReward` is one entry of `reward_funcs` for TRL's `GRPOTrainer` and `RLOOTrainer`.
-For every generation batch it scores the B completions with N component scorers and returns
+`EnsembleReward`: a proxy ensemble combined by one aggregator. For every generation batch it
+scores the B completions with the K members of a proxy ensemble, (K, B), and returns
+`rlhf_overopt.aggregate.aggregate(scores, aggregator)`, one of the rules of Coste et al. 2023,
+"Reward Model Ensembles Help Mitigate Overoptimization" (arXiv:2310.02743): mean, worst-case (wco,
+min over members) and uncertainty-weighted (uwo, mean - lambda * Var over members, population
+variance by default); or median, mean_minus_std (mean - k * std) or member_<i> (a single reward
+model, the baseline they compare against). It logs every member's mean score and the ensemble's
+disagreement (the population std across members, averaged over completions), which Coste et al.
+follow as the sign of overoptimization, and the mean aggregated score. It keeps no state across
+calls besides a call count and its history.
+
+`WeightedComponentReward`: component rewards with fixed or hypervolume-guided weights (Lu et al.
+2025, "Learning to Optimize Multi-Objective Alignment Through Dynamic Reward Weighting"). For every
+generation batch it scores the B completions with N component scorers and returns
 
     r_b = scale * sum_j w_j * s_jb            (w = weights / sum(weights), constant)
 
@@ -36,16 +47,19 @@ How TRL 1.16 calls a custom (non-module, non-async) reward function
   and TRL logs `rewards/<name>/mean`;
 - `completions` are decoded with `skip_special_tokens=True`, so the EOS text is stripped; whether a
   completion ended is only visible in `completion_ids`, which TRL cuts after the first EOS (the EOS
-  id is kept as the last id). `from_components` therefore reads `ended` off `completion_ids`;
+  id is kept as the last id). `EnsembleReward` and `WeightedComponentReward.from_components`
+  therefore read `ended` off `completion_ids`;
 - each process scores its own share of the generation batch, and calls happen once per generation
-  batch (in eval too), so "calls" count generation batches, not optimizer steps. With several
-  processes the window sums are all-reduced (when torch.distributed is initialized) so every rank
-  sees the same point and scale.
+  batch (in eval too), so "calls" count generation batches, not optimizer steps. Values given to
+  `log_metric` are averaged over processes by TRL. With several processes the component reward's
+  window sums are all-reduced (when torch.distributed is initialized) so every rank sees the same
+  point and scale.
 
-Note on where the scale matters: a positive scale on the only reward is cancelled by reward
-standardization. In GRPO it acts only with `scale_rewards="none"` (default "group" divides by the
-group std) and `multi_objective_aggregation="sum_then_normalize"`, or next to other reward
-functions; in RLOO it acts against the KL penalty (`beta > 0`) unless `normalize_advantages=True`.
+Note on where the component reward's scale matters: a positive scale on the only reward is
+cancelled by reward standardization. In GRPO it acts only with `scale_rewards="none"` (default
+"group" divides by the group std) and `multi_objective_aggregation="sum_then_normalize"`, or next
+to other reward functions; in RLOO it acts against the KL penalty (`beta > 0`) unless
+`normalize_advantages=True`.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as tdist
 
+from rlhf_overopt.aggregate import aggregate, parse_aggregator_name
 from rlhf_overopt.constrained import (
     hypervolume,
     hypervolume_scale,
@@ -69,6 +84,7 @@ from rlhf_overopt.errors import NonFiniteError
 if TYPE_CHECKING:
     from rlhf_overopt.components import ComponentRewards
     from rlhf_overopt.config import AggregateConfig
+    from rlhf_overopt.proxy import ProxyEnsemble  # moving to rlhf_overopt.ensemble
 
 WEIGHTING_MODES: tuple[str, ...] = ("fixed", "hypervolume")
 """Modes a reward function can implement (gradient weighting lives in dynamic_ppo)."""
@@ -92,6 +108,22 @@ def completion_ended(completion_ids: Sequence[Sequence[int]], eos_token_ids: Seq
     return [len(ids) > 0 and int(ids[-1]) in eos for ids in completion_ids]
 
 
+def _eos_id_list(eos_token_ids: int | Sequence[int]) -> list[int]:
+    """`eos_token_ids` as a non-empty list of ints (ValueError otherwise)."""
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_ids: need an int or a non-empty sequence of ints, got {eos_token_ids!r}")
+    return ids
+
+
+def _check_plain_text(scorer: str, prompts: Sequence[Any], completions: Sequence[Any]) -> None:
+    """Raise ValueError unless every prompt and completion is a string (not a chat message list)."""
+    for what, texts in (("prompts", prompts), ("completions", completions)):
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{scorer} score plain text; got conversational (non-string) {what}. "
+                             "Use a standard (non-chat) prompt dataset")
+
+
 class _ComponentScorer:
     """ComponentRewards as a score_fn: `(prompts, completions, completion_ids) -> (N, B)`."""
 
@@ -104,10 +136,7 @@ class _ComponentScorer:
         if completion_ids is None:
             raise ValueError("scoring ComponentRewards needs completion_ids (whether a completion ended with EOS "
                              "shows only there: TRL strips the EOS text from completions)")
-        for what, texts in (("prompts", prompts), ("completions", completions)):
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"ComponentRewards score plain text; got conversational (non-string) {what}. "
-                                 "Use a standard (non-chat) prompt dataset")
+        _check_plain_text("ComponentRewards", prompts, completions)
         ended = completion_ended(completion_ids, self.eos_token_ids)
         _, component_scores = self.components.score(list(prompts), list(completions), ended, self.agg, self.calls)
         self.calls += 1
@@ -178,10 +207,7 @@ class WeightedComponentReward:
         completion ended when its last id is one of them (TRL strips the EOS text, see the module
         docstring). Other keyword arguments go to the constructor.
         """
-        ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ValueError(f"eos_token_ids: need an int or a non-empty sequence of ints, got {eos_token_ids!r}")
-        return cls(_ComponentScorer(components, agg, ids), components.names, weights, mode,
+        return cls(_ComponentScorer(components, agg, _eos_id_list(eos_token_ids)), components.names, weights, mode,
                    needs_completion_ids=True, **kwargs)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
@@ -273,3 +299,96 @@ class WeightedComponentReward:
         self.calls = int(state["calls"])
         self._window_sum = torch.tensor(state["window_sum"], dtype=torch.float64)
         self._window_count = int(state["window_count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A proxy ensemble combined by an aggregator (Coste et al. 2023)
+# ---------------------------------------------------------------------------------------------
+
+
+class EnsembleReward:
+    """A TRL reward function: K proxy scores per completion, combined by one aggregator.
+
+    ensemble: anything with `k` and `score_texts(prompts, responses, ended) -> (K, B)` (the
+        project's `ProxyEnsemble`); `ended` comes from `completion_ids` (see the module docstring).
+    aggregator: "mean", "wco", "uwo", "median", "mean_minus_std" or "member_<i>", validated against
+        `ensemble.k` here, applied by `rlhf_overopt.aggregate.aggregate`.
+    uwo_lambda, std_k, variance: the UWO coefficient, the mean_minus_std coefficient and the
+        variance ("population", the paper's, or "sample") of both.
+    eos_token_ids: the tokenizer's EOS id, or the ids TRL stops at (`trainer.eos_token_ids`).
+    name: the `__name__` TRL logs the reward under (`rewards/<name>/mean`); default
+        `ensemble_<aggregator>`.
+    """
+
+    def __init__(self, ensemble: ProxyEnsemble | Any, aggregator: str = "uwo", *, uwo_lambda: float = 0.5,
+                 std_k: float = 1.0, variance: str = "population", eos_token_ids: int | Sequence[int],
+                 name: str | None = None) -> None:
+        if not callable(getattr(ensemble, "score_texts", None)):
+            raise TypeError(f"ensemble must have score_texts(prompts, responses, ended), got {type(ensemble).__name__}")
+        k = ensemble.k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ensemble.k must be an integer >= 1, got {k!r}")
+        parse_aggregator_name(aggregator, k)
+        if variance not in ("population", "sample"):
+            raise ValueError(f"variance must be 'population' or 'sample', got {variance!r}")
+        if variance == "sample" and k < 2 and aggregator in ("uwo", "mean_minus_std"):
+            raise ValueError(f"aggregator {aggregator!r} with sample variance needs at least 2 ensemble members")
+        if not (math.isfinite(uwo_lambda) and uwo_lambda >= 0):
+            raise ValueError(f"uwo_lambda must be finite and >= 0, got {uwo_lambda}")
+        if not math.isfinite(std_k):
+            raise ValueError(f"std_k must be finite, got {std_k}")
+        self.ensemble = ensemble
+        self.k = k
+        self.aggregator = aggregator
+        self.uwo_lambda, self.std_k, self.variance = float(uwo_lambda), float(std_k), variance
+        self.eos_token_ids = _eos_id_list(eos_token_ids)
+        self.__name__ = name or f"ensemble_{aggregator}"
+        names = getattr(ensemble, "member_names", None)
+        self.member_names = [str(x) for x in names] if names is not None and len(names) == k else [
+            f"member_{i}" for i in range(k)]
+        self.calls = 0
+        self.history: list[dict[str, Any]] = []
+        """One dict per call: call, global_step, member_means (K, this process's batch), member_std
+        (mean over completions of the population std across members), score_mean."""
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
+                 completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float]:
+        """One aggregated reward per completion (TRL's calling convention; of the extra keyword
+        arguments only `trainer_state` (global_step, for the history) and `log_metric` are used)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        _check_plain_text("Proxy ensembles", prompts, completions)
+        if completion_ids is None:
+            raise ValueError("EnsembleReward needs completion_ids (whether a completion ended with EOS shows only "
+                             "there: TRL strips the EOS text from completions)")
+        if len(completion_ids) != len(completions):
+            raise ValueError(f"{len(completion_ids)} completion_ids but {len(completions)} completions")
+        ended = completion_ended(completion_ids, self.eos_token_ids)
+        raw = self.ensemble.score_texts(list(prompts), list(completions), ended)
+        scores = torch.as_tensor(raw).detach().double().cpu()
+        if scores.shape != (self.k, len(completions)):
+            raise ValueError(f"ensemble.score_texts must return (K, B) = ({self.k}, {len(completions)}) scores, "
+                             f"got shape {tuple(scores.shape)}")
+        for i, member in enumerate(self.member_names):
+            bad = (~torch.isfinite(scores[i])).nonzero()
+            if bad.numel():
+                label = f"member_{i}" if member == f"member_{i}" else f"member_{i} ({member})"
+                raise NonFiniteError(f"call {self.calls}: {self.__name__}: {label} score is not finite at "
+                                     f"completion {int(bad[0])} ({int(bad.shape[0])} value(s))")
+        rewards = aggregate(scores, self.aggregator, uwo_lambda=self.uwo_lambda, std_k=self.std_k,
+                            variance=self.variance)
+        member_means = scores.mean(1).tolist()
+        # the ensemble's disagreement: population std across members, averaged over completions
+        member_std = float(scores.std(0, correction=0).mean()) if scores.shape[1] else 0.0
+        score_mean = float(rewards.mean()) if rewards.numel() else 0.0
+        state = kwargs.get("trainer_state")
+        self.history.append({"call": self.calls, "global_step": getattr(state, "global_step", None),
+                             "member_means": member_means, "member_std": member_std, "score_mean": score_mean})
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            for i, value in enumerate(member_means):
+                log_metric(f"{self.__name__}/member_{i}", value)
+            log_metric(f"{self.__name__}/member_std", member_std)
+            log_metric(f"{self.__name__}/score", score_mean)
+        self.calls += 1
+        return rewards.tolist()

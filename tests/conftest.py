@@ -8,6 +8,7 @@ building their own.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import yaml
 from rlhf_overopt.config import TestbedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `launch` (the sweep supervisor) is a folder of the checkout, not installed
+    sys.path.insert(0, str(ROOT))
 TINY_TESTBED_YAML = ROOT / "configs" / "tiny" / "build_testbed.yaml"
 
 

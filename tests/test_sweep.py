@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_overopt.config import Config, parse_override
-from rlhf_overopt.runs import read_jsonl
-from rlhf_overopt.sweep import (
+from launch.supervisor import (
     SweepError,
     build_command,
     expand_grid,
@@ -27,6 +26,8 @@ from rlhf_overopt.sweep import (
     run_names,
     wandb_sweep_spec,
 )
+from rlhf_overopt.config import Config, parse_override
+from rlhf_overopt.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_CLI = ROOT / "launch" / "sweep.py"
@@ -39,9 +40,78 @@ def write_sweep(tmp_path: Path, body: dict[str, Any], name: str = "s.yaml") -> P
     return path
 
 
-def sweep_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SWEEP_CLI), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+# Hang guards, not deadlines: a sweep on a loaded machine may take long, so a wait fails only when
+# nothing under the sweep folder has changed for STALL_S seconds (or, as a last resort, after
+# HANG_GUARD_S in all; QUICK_GUARD_S for a command that starts no run), and then says what it was
+# waiting for.
+STALL_S = 900.0
+HANG_GUARD_S = 3 * 3600.0
+QUICK_GUARD_S = 900.0
+
+
+def _progress_signature(folder: Path | None) -> tuple:
+    """Size and mtime of every file under `folder` (sweep.json, logs, curves, checkpoints)."""
+    if folder is None or not folder.exists():
+        return ()
+    signature = []
+    for path in folder.rglob("*"):
+        try:
+            st = path.stat()
+        except OSError:  # written or replaced while we looked
+            continue
+        signature.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(signature))
+
+
+def wait_until(done, what: str, *, proc: subprocess.Popen | None = None, folder: Path | None = None,
+               poll: float = 0.05) -> None:
+    """Poll `done()` until it is true, or until `proc` (if given) has exited.
+
+    Fails with a message naming `what` only when the sweep stalls: no file under `folder` changed
+    for STALL_S seconds, or HANG_GUARD_S passed (QUICK_GUARD_S with no folder to watch).
+    """
+    guard = HANG_GUARD_S if folder is not None else QUICK_GUARD_S
+    started = last_change = time.monotonic()
+    signature = _progress_signature(folder)
+    next_look = started + 5.0
+    while not done():
+        if proc is not None and proc.poll() is not None:
+            return
+        now = time.monotonic()
+        if now >= next_look:  # walking the folder costs more than polling `done`
+            next_look = now + 5.0
+            current = _progress_signature(folder)
+            if current != signature:
+                signature, last_change = current, now
+        stalled = folder is not None and now - last_change > STALL_S
+        if stalled or now - started > guard:
+            reason = f"nothing under {folder} changed for {STALL_S:.0f} s" if stalled else f"{guard:.0f} s passed"
+            pytest.fail(f"hang guard: still waiting for {what}: {reason}")
+        time.sleep(poll)
+
+
+def run_watched(command: list[str], what: str, *, folder: Path | None = None,
+                cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run `command` to its end (output captured), failing only if it stalls (see `wait_until`)."""
+    with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, cwd=cwd, stdin=stdin, stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        try:
+            wait_until(lambda: proc.poll() is not None, what, folder=folder)
+        finally:
+            if proc.poll() is None:  # the hang guard fired: do not leave the sweep and its runs behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read())
+
+
+def sweep_cli(*args: str, cwd: Path = ROOT, folder: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """launch/sweep.py with `args`; `folder`: the sweep folder whose files show its progress."""
+    return run_watched([sys.executable, str(SWEEP_CLI), *args], f"launch/sweep.py {' '.join(args)} to exit",
+                       folder=folder, cwd=cwd)
 
 
 # ---------------------------------------------------------------- expansion and names
@@ -211,13 +281,14 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     names = run_names(expand_grid(load_sweep(TINY_SWEEP).grid), ["aggregate.name", "ppo.kl_coef"])
     first, second = folder / names[0], folder / names[1]
-    deadline = time.time() + 240
+
+    def first_done_second_evaluated() -> bool:
+        runs = _state(folder).get("runs", {})
+        return runs.get(names[0], {}).get("status") == "completed" and (second / "curves.jsonl").exists()
+
     try:
-        while time.time() < deadline and proc.poll() is None:
-            runs = _state(folder).get("runs", {})
-            if runs.get(names[0], {}).get("status") == "completed" and (second / "curves.jsonl").exists():
-                break
-            time.sleep(0.05)
+        wait_until(first_done_second_evaluated, f"{names[0]} to complete and {names[1]} to log an evaluation",
+                   proc=proc, folder=folder)
         assert proc.poll() is None, "the sweep ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -226,8 +297,7 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
     assert _summary_status(second) == "running"  # killed mid-run: nothing recorded its end
     first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
 
-    result = subprocess.run([sys.executable, str(SWEEP_CLI), *args[:-2], "--parallel", "2", *args[-2:]],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    result = sweep_cli(*args[:-2], "--parallel", "2", *args[-2:], folder=folder)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # every run completed, with each evaluation step logged once
@@ -256,7 +326,7 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
     assert any("num_threads=" in " ".join(a["command"]) for a in state["runs"][names[2]]["attempts"])
 
     # a third invocation has nothing to do, then writes the report of the whole grid
-    again = sweep_cli(*[a for a in args if a != "--no-report"])
+    again = sweep_cli(*[a for a in args if a != "--no-report"], folder=folder)
     assert again.returncode == 0, again.stderr
     assert "0 to run, 4 already completed" in again.stdout
     table = (folder / "report" / "table.md").read_text()

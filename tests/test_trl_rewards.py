@@ -1,5 +1,6 @@
-"""WeightedComponentReward: fixed and hypervolume-guided weights as a TRL reward function, checked
-against hand-worked numbers, its errors, the ComponentRewards adapter, and one GRPO + RLOO run."""
+"""TRL reward functions, checked against hand-worked numbers, their errors and real GRPO + RLOO runs:
+WeightedComponentReward (fixed and hypervolume-guided weights, the ComponentRewards adapter) and
+EnsembleReward (a proxy ensemble under one aggregator)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ import torch
 from rlhf_overopt.components import ComponentRewards
 from rlhf_overopt.config import AggregateConfig
 from rlhf_overopt.errors import NonFiniteError
-from rlhf_overopt.trl_rewards import WeightedComponentReward, completion_ended, weighted_reward
+from rlhf_overopt.trl_rewards import (
+    EnsembleReward,
+    WeightedComponentReward,
+    completion_ended,
+    weighted_reward,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,21 +229,126 @@ def test_from_components_reads_ended_off_completion_ids():
 
 
 # ---------------------------------------------------------------------------------------------
+# EnsembleReward: a proxy ensemble under one aggregator (Coste et al. 2023)
+# ---------------------------------------------------------------------------------------------
+
+# K = 3 members, B = 2 completions.
+#   completion 0: members (1, 2, 6): mean 3, min 1, population var ((-2)^2 + (-1)^2 + 3^2) / 3 = 14/3
+#   completion 1: members (4, 0, 2): mean 2, min 0, population var (2^2 + (-2)^2 + 0^2) / 3 = 8/3
+FIXED_SCORES = [[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]]
+EOS = 0
+
+
+class FixedEnsemble:
+    """An 'ensemble' returning a fixed (K, B) table; records the ended flags it was given."""
+
+    def __init__(self, table) -> None:
+        self.table = torch.tensor(table)
+        self.k = self.table.shape[0]
+        self.seen: list[tuple[list[str], list[bool]]] = []
+
+    def score_texts(self, prompts, responses, ended):
+        self.seen.append((list(responses), list(ended)))
+        return self.table.clone()
+
+
+def call_ensemble(reward: EnsembleReward, **kwargs) -> list[float]:
+    """Two completions, as TRL passes them: the first ended with EOS (TRL keeps the EOS id as the last
+    id and strips its text), the second was cut off; plus an extra dataset column and TRL's hooks."""
+    return reward(prompts=["p", "q"], completions=["good", "bad film"], completion_ids=[[5, 6, EOS], [5, 7, 8]],
+                  topic=["x", "y"], trainer_state=None, log_extra=lambda *a: None, **kwargs)
+
+
+@pytest.mark.parametrize("aggregator, kwargs, expected", [
+    ("mean", {}, [3.0, 2.0]),
+    ("wco", {}, [1.0, 0.0]),
+    # uwo, lambda 0.75, population variance: 3 - 0.75 * 14/3 = 3 - 3.5 = -0.5; 2 - 0.75 * 8/3 = 2 - 2 = 0
+    ("uwo", {"uwo_lambda": 0.75}, [-0.5, 0.0]),
+    # default lambda 0.5: 3 - 7/3 = 2/3; 2 - 4/3 = 2/3
+    ("uwo", {}, [2 / 3, 2 / 3]),
+    # sample variance divides by K - 1 = 2: 3 - 0.75 * 7 = -2.25; 2 - 0.75 * 4 = -1
+    ("uwo", {"uwo_lambda": 0.75, "variance": "sample"}, [-2.25, -1.0]),
+    ("member_1", {}, [2.0, 0.0]),
+    ("median", {}, [2.0, 2.0]),
+    # mean - 1 * std: std = sqrt(14/3), sqrt(8/3)
+    ("mean_minus_std", {}, [3.0 - math.sqrt(14 / 3), 2.0 - math.sqrt(8 / 3)]),
+])
+def test_ensemble_reward_aggregators_against_hand_worked_numbers(aggregator, kwargs, expected):
+    reward = EnsembleReward(FixedEnsemble(FIXED_SCORES), aggregator, eos_token_ids=EOS, **kwargs)
+    assert call_ensemble(reward) == pytest.approx(expected)
+    assert reward.__name__ == f"ensemble_{aggregator}"
+
+
+def test_ensemble_reward_reads_ended_off_completion_ids_and_logs_member_stats():
+    ensemble = FixedEnsemble(FIXED_SCORES)
+    reward = EnsembleReward(ensemble, "uwo", uwo_lambda=0.75, eos_token_ids=[EOS, 99], name="ens")
+    logged: dict[str, float] = {}
+    out = call_ensemble(reward, log_metric=lambda key, value: logged.__setitem__(key, value))
+    # the first completion's last id is EOS: ended; the second's is not
+    assert ensemble.seen == [(["good", "bad film"], [True, False])]
+    assert out == pytest.approx([-0.5, 0.0])
+    # member means over the two completions: (1 + 4) / 2, (2 + 0) / 2, (6 + 2) / 2; disagreement: the
+    # population std across members, averaged over completions; score: mean of the uwo rewards
+    member_std = (math.sqrt(14 / 3) + math.sqrt(8 / 3)) / 2
+    assert logged == pytest.approx({"ens/member_0": 2.5, "ens/member_1": 1.0, "ens/member_2": 4.0,
+                                    "ens/member_std": member_std, "ens/score": -0.25})
+    assert reward.history == [{"call": 0, "global_step": None, "member_means": pytest.approx([2.5, 1.0, 4.0]),
+                               "member_std": pytest.approx(member_std), "score_mean": pytest.approx(-0.25)}]
+    call_ensemble(reward)
+    assert [h["call"] for h in reward.history] == [0, 1] and reward.calls == 2
+
+
+def test_ensemble_reward_nan_member_score_names_the_member_and_completion():
+    table = [[1.0, 4.0], [2.0, float("nan")], [6.0, 2.0]]
+    reward = EnsembleReward(FixedEnsemble(table), "mean", eos_token_ids=EOS)
+    with pytest.raises(NonFiniteError, match="member_1 score is not finite at completion 1"):
+        call_ensemble(reward)
+    assert reward.history == [] and reward.calls == 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"aggregator": "bogus"}, ValueError, "unknown aggregator 'bogus'"),
+    ({"aggregator": "member_3"}, ValueError, "member index 3 out of range for an ensemble of size 3"),
+    ({"variance": "unbiased"}, ValueError, "variance"),
+    ({"uwo_lambda": -1.0}, ValueError, "uwo_lambda"),
+    ({"eos_token_ids": []}, ValueError, "eos_token_ids"),
+])
+def test_ensemble_reward_bad_settings_raise_at_construction(kwargs, error, match):
+    args = {"aggregator": "uwo", "eos_token_ids": EOS, **kwargs}
+    ensemble = FixedEnsemble(FIXED_SCORES)
+    with pytest.raises(error, match=match):
+        EnsembleReward(ensemble, **args)
+    assert ensemble.seen == []
+
+
+def test_ensemble_reward_refuses_conversational_input_and_missing_ids():
+    reward = EnsembleReward(FixedEnsemble(FIXED_SCORES), "mean", eos_token_ids=EOS)
+    chat = [[{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}]]
+    with pytest.raises(ValueError, match="conversational"):
+        reward(prompts=["p", "q"], completions=chat, completion_ids=[[1], [2]])
+    with pytest.raises(ValueError, match="conversational"):
+        reward(prompts=[[{"role": "user", "content": "p"}]] * 2, completions=["a", "b"], completion_ids=[[1], [2]])
+    with pytest.raises(ValueError, match="completion_ids"):
+        reward(prompts=["p", "q"], completions=["a", "b"])
+    wrong_k = EnsembleReward(FixedEnsemble(FIXED_SCORES[:2]), "mean", eos_token_ids=EOS)
+    wrong_k.k = 3  # claims more members than it returns
+    with pytest.raises(ValueError, match=r"\(K, B\) = \(3, 2\).*\(2, 2\)"):
+        call_ensemble(wrong_k)
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end: TRL's GRPOTrainer and RLOOTrainer on a tiny random GPT-2 (in a subprocess, so that
 # accelerate / torch.distributed state does not leak into the rest of the session)
 # ---------------------------------------------------------------------------------------------
 
-E2E_SCRIPT = r"""
+E2E_SETUP = r"""
 import json, math, sys
 import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rlhf_overopt.components import ComponentRewards
-from rlhf_overopt.config import AggregateConfig
 from rlhf_overopt.testbed.tokenizer import train_tokenizer
-from rlhf_overopt.trl_rewards import WeightedComponentReward
 
 out = sys.argv[1]
 words = ["the", "film", "was", "good", "bad", "plot", "fun", "boring", "great", "acting"]
@@ -249,6 +360,15 @@ GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_lay
                            pad_token_id=tok.pad_token_id)).save_pretrained(out + "/model")
 prompts = ["the film was", "the plot", "acting was", "but the", "great", "a bad", "fun", "the score"]
 dataset = Dataset.from_dict({"prompt": prompts, "topic": ["film"] * len(prompts)})  # an extra column
+common = dict(report_to=[], use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4,
+              num_generations=2, max_completion_length=6, logging_steps=1, save_strategy="no",
+              learning_rate=1e-3, generation_kwargs={"forced_eos_token_id": tok.eos_token_id})
+"""
+
+E2E_SCRIPT = E2E_SETUP + r"""
+from rlhf_overopt.components import ComponentRewards
+from rlhf_overopt.config import AggregateConfig
+from rlhf_overopt.trl_rewards import WeightedComponentReward
 
 
 class TextFeatures:  # an 'ensemble' of one member scoring a text feature
@@ -265,9 +385,6 @@ class TextFeatures:  # an 'ensemble' of one member scoring a text feature
 spaces, length = TextFeatures(lambda r: r.count(" ")), TextFeatures(lambda r: -len(r) / 10)
 components = ComponentRewards(["spaces", "length"], ["a", "b"], [spaces, length])
 result = {}
-common = dict(report_to=[], use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4,
-              num_generations=2, max_completion_length=6, logging_steps=1, save_strategy="no",
-              learning_rate=1e-3, generation_kwargs={"forced_eos_token_id": tok.eos_token_id})
 for kind, config, trainer_cls in (("grpo", GRPOConfig, GRPOTrainer), ("rloo", RLOOConfig, RLOOTrainer)):
     extra = {"scale_rewards": "none"} if kind == "grpo" else {}
     reward = WeightedComponentReward.from_components(components, AggregateConfig(), tok.eos_token_id,
@@ -287,16 +404,20 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.mark.slow
-def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
+def _run_e2e(script: str, tmp_path: Path) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", E2E_SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
+    result = _run_e2e(E2E_SCRIPT, tmp_path)
     for kind in ("grpo", "rloo"):
         r = result[kind]
         assert r["global_step"] == 2, r
@@ -312,6 +433,51 @@ def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
     # forced_eos_token_id makes every completion end with EOS: TRL strips its text, the ids show it
     assert result["ended"] and all(result["ended"])
     assert not result["eos_text_in_completions"]
+
+
+ENSEMBLE_E2E_SCRIPT = E2E_SETUP + r"""
+from transformers import GPT2ForSequenceClassification
+
+from rlhf_overopt.proxy import ProxyEnsemble
+from rlhf_overopt.trl_rewards import EnsembleReward
+
+# a real (untrained) proxy ensemble: three independent tiny GPT-2 reward models, raw scores
+members = []
+for i in range(3):
+    torch.manual_seed(100 + i)
+    members.append(GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval())
+ensemble = ProxyEnsemble("independent", tok, [f"member_{i}" for i in range(3)], models=members, max_length=32,
+                         standardize=False)
+result = {}
+for kind, config, trainer_cls, aggregator in (("grpo", GRPOConfig, GRPOTrainer, "uwo"),
+                                              ("rloo", RLOOConfig, RLOOTrainer, "wco")):
+    reward = EnsembleReward(ensemble, aggregator, eos_token_ids=tok.eos_token_id)
+    trainer = trainer_cls(model=out + "/model", reward_funcs=[reward], train_dataset=dataset, processing_class=tok,
+                          args=config(output_dir=f"{out}/{kind}", **common))
+    trainer.train()
+    keys = set().union(*(row.keys() for row in trainer.state.log_history))
+    result[kind] = {"name": reward.__name__, "global_step": trainer.state.global_step, "calls": reward.calls,
+                    "history": reward.history, "logged": sorted(k for k in keys if reward.__name__ in k)}
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_grpo_and_rloo_trainers_run_with_the_ensemble_reward(tmp_path):
+    result = _run_e2e(ENSEMBLE_E2E_SCRIPT, tmp_path)
+    for kind, name in (("grpo", "ensemble_uwo"), ("rloo", "ensemble_wco")):
+        r = result[kind]
+        assert r["name"] == name and r["global_step"] == 2, r
+        assert f"rewards/{name}/mean" in r["logged"], r["logged"]
+        assert {f"{name}/member_std", f"{name}/score", f"{name}/member_2"} <= set(r["logged"]), r["logged"]
+        assert r["calls"] >= 2 and len(r["history"]) == r["calls"]
+        for h in r["history"]:
+            assert len(h["member_means"]) == 3
+            assert all(math.isfinite(x) for x in [*h["member_means"], h["member_std"], h["score_mean"]]), h
+            assert h["member_std"] > 0  # three differently initialized members disagree
+        assert [h["call"] for h in r["history"]] == list(range(r["calls"]))
 
 
 DIST_SCRIPT = r"""

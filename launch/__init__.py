@@ -1,0 +1,1 @@
+"""Command-line entry points (train.py, sweep.py) and the sweep supervisor they share."""
