@@ -78,7 +78,7 @@ class Method:
     evaluates: bool
     """Writes gold evaluation points to curves.jsonl (so eval.n_prompts must fit the testbed's eval split)."""
     fit_form: str | None
-    """"bon" | "rl" | None: the Gao et al. (2022) form analysis fits to its curves."""
+    """The Gao et al. (2022) form analysis fits to its curves: "bon", "rl", or None (no curves to fit)."""
     composite: bool
     """Trains on component rewards (components / constrained / nm / weighting sections)."""
     rollouts: bool
