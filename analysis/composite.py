@@ -18,8 +18,9 @@ minus 1.0. Below the table: the runs whose final points no other run's final poi
 and the hypervolume of all runs' final points together.
 
 Like the rest of ``analysis/`` this reads plain files only (``config.yaml``, ``curves.jsonl``,
-``summary.json``, ``nm_path.jsonl``); the one import from the package is the pure tensor math
-:func:`rlhf_overopt.constrained.hypervolume` / :func:`~rlhf_overopt.constrained.pareto_mask`.
+``summary.json``, ``nm_path.jsonl``); the imports from the package are the pure tensor math
+:func:`rlhf_overopt.constrained.hypervolume` / :func:`~rlhf_overopt.constrained.pareto_mask` and
+the list of composite methods (:data:`rlhf_overopt.config.COMPOSITE_METHODS`, from its method table).
 
 Exit status: 0 on success, 2 when a run directory is missing, empty or not a composite run.
 """
@@ -47,13 +48,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning, load_for_cli
+from rlhf_overopt.config import COMPOSITE_METHODS
 from rlhf_overopt.constrained import hypervolume, pareto_mask
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 NM_PATH_FILE = "nm_path.jsonl"
-COMPOSITE_METHODS = ("constrained_ppo", "nm_ppo", "dynamic_ppo")
 REFERENCE_OFFSET = 1.0
 """Default hypervolume reference: the first run's step-0 component scores minus this."""
 

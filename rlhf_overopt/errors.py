@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A configuration problem, found before any work starts; the message is one line that names the key."""
+
+
 class InputError(ValueError):
     """Bad input found once work has started: a data row, a model or tokenizer, a dataset path."""
 

@@ -218,3 +218,113 @@ def test_more_steps_on_resume_refused_under_a_decaying_learning_rate(tmp_path):
         check_run_dir(longer)
     same = load_config(write(tmp_path, "method: ppo\n"), [f"output_dir={out}", "resume=true", "ppo.lr_final_ratio=0.1"])
     assert check_run_dir(same) == "resume"
+
+
+# ---------------------------------------------------------------------------------------------
+# The method table, the grpo section, empty files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_method_table_drives_the_method_choices(tmp_path):
+    from rlhf_overopt.config import COMPOSITE_METHODS, METHODS
+
+    needs = {"constrained": ["constrained.thresholds=[0.5, 0.5]"], "grpo": ["ppo.kl_coef=0"]}
+    for name in METHODS:
+        overrides = [o for section in METHODS[name].sections for o in needs.get(section, [])]
+        assert load_config(None, [f"method={name}", *overrides], check_paths=False).method == name
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "method: sft\n"))
+    message = str(info.value)
+    assert message.startswith("method: must be one of") and "\n" not in message
+    assert all(repr(name) in message for name in METHODS)
+    assert COMPOSITE_METHODS == ("constrained_ppo", "nm_ppo", "dynamic_ppo", "proxy_points")
+    assert COMPOSITE_METHODS == tuple(n for n, m in METHODS.items() if m.composite)
+    assert METHODS["madpo"].driver == "dpo" and METHODS["nm_ppo"].driver == "constrained_ppo"
+    assert METHODS["grpo"].driver == METHODS["rloo"].driver == "grpo"
+    for m in METHODS.values():  # every table key names a real config key
+        for key in (*m.split_keys, *m.response_caps):
+            section, leaf = key.split(".")
+            assert hasattr(getattr(Config(), section), leaf), (m.name, key)
+        assert all(hasattr(Config(), s) for s in m.sections), m.name
+
+
+def test_analysis_reads_the_composite_methods_from_the_table():
+    import analysis.composite
+    from rlhf_overopt.config import COMPOSITE_METHODS
+
+    assert analysis.composite.COMPOSITE_METHODS is COMPOSITE_METHODS
+
+
+GRPO = ["method=grpo", "ppo.kl_coef=0"]
+
+
+def test_grpo_defaults_and_keys():
+    cfg = load_config(None, GRPO, check_paths=False)
+    assert (cfg.grpo.group_size, cfg.grpo.std_normalize, cfg.grpo.loss_normalization) == (4, True, "sequence")
+    assert (cfg.grpo.kl_coef, cfg.grpo.kl_in, cfg.grpo.eps) == (0.0, "loss", 1e-4)
+    keys = [row[0] for row in field_docs() if row[0].startswith("grpo.")]
+    assert keys == ["grpo.group_size", "grpo.std_normalize", "grpo.loss_normalization", "grpo.kl_coef",
+                    "grpo.kl_in", "grpo.eps"]
+    assert all(row[3] for row in field_docs() if row[0].startswith("grpo."))
+    # rloo ignores std_normalize; setting it is no error
+    assert load_config(None, ["method=rloo", "ppo.kl_coef=0", "grpo.std_normalize=false"],
+                       check_paths=False).grpo.std_normalize is False
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["grpo.group_size=1"], r"^grpo\.group_size: must be >= 2"),
+        (["ppo.batch_size=10", "ppo.mini_batch_size=5", "grpo.group_size=4"], r"^grpo\.group_size: must divide ppo\.batch_size \(10"),
+        (["ppo.kl_coef=0.1"], r"^ppo\.kl_coef: .*grpo\.kl_coef"),
+        (["ppo.adaptive_kl=true"], r"^ppo\.adaptive_kl: "),
+        (["ppo.whiten_rewards=true"], r"^ppo\.whiten_rewards: "),
+        (["ppo.value_init=proxy"], r"^ppo\.value_init: "),
+        (["grpo.kl_coef=-0.1"], r"^grpo\.kl_coef: must be >= 0"),
+        (["grpo.eps=0"], r"^grpo\.eps: must be positive"),
+    ],
+)
+def test_grpo_rejections(overrides, pattern):
+    for method in ("grpo", "rloo"):
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(None, [f"method={method}", "ppo.kl_coef=0", *overrides], check_paths=False)
+
+
+def test_ppo_is_not_bound_by_grpo_rules():
+    cfg = load_config(None, ["method=ppo", "ppo.batch_size=10", "ppo.mini_batch_size=5", "ppo.adaptive_kl=true"],
+                      check_paths=False)
+    assert cfg.ppo.kl_coef == 0.01
+    with pytest.raises(ConfigError, match=r"^grpo\.group_size: must be >= 2"):  # its own field: always
+        load_config(None, ["method=ppo", "grpo.group_size=1"], check_paths=False)
+
+
+def test_grpo_groups_must_not_straddle_ranks():
+    from rlhf_overopt.config import check_world_size
+
+    cfg = load_config(None, [*GRPO, "ppo.batch_size=8", "ppo.mini_batch_size=4", "grpo.group_size=4",
+                             "eval.n_prompts=8"], check_paths=False)
+    check_world_size(cfg, 2)  # 4 responses a rank: one whole group each
+    with pytest.raises(ConfigError, match=r"^grpo\.group_size: each of 4 ranks holds 2 .*whole groups of 4"):
+        check_world_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"^ppo\.batch_size: 8 cannot be split evenly over 3 ranks"):
+        check_world_size(cfg, 3)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# method: ppo\n# (truncated)\n", "_meta:\n  git_sha: abc\n"])
+def test_empty_config_file_is_an_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"^--config: .*exp\.yaml is empty; "):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"is empty"):  # overrides do not fill in for the file
+        load_config(path, ["method=bon"])
+
+
+def test_config_without_method_keeps_the_default(tmp_path):
+    assert load_config(write(tmp_path, "ppo:\n  steps: 3\n")).method == Config().method == "ppo"
+    assert load_config(None, check_paths=False).method == "ppo"  # no file at all: defaults
+
+
+def test_cli_rejects_an_empty_config(tmp_path):
+    result = run_cli("--config", str(write(tmp_path, "# nothing yet\n")), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is empty" in result.stderr and result.stderr.count("\n") == 1
