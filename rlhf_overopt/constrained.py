@@ -16,8 +16,10 @@ P parameters. Every objective is maximized.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch import nn
 
 CONSTRAINT_KINDS: tuple[str, ...] = ("inequality", "equality")
 
@@ -251,3 +253,42 @@ def quadratic_peak(coefficients: tuple[float, float, float], low: float, high: f
             return vertex
     value_low, value_high = a + b * low + c * low * low, a + b * high + c * high * high
     return high if value_high >= value_low or math.isclose(value_high, value_low) else low
+
+
+class Multipliers:
+    """Raw multipliers mu (N,) trained by SGD with momentum and gradient-norm clipping on
+    `multiplier_loss`, one step per PPO minibatch (Moskovitz et al. 2023, §4 and App.: SGD,
+    lr 0.01-0.1, momentum 0.1, clip 0.5)."""
+
+    def __init__(self, n: int, constraint: str, thresholds: list[float], *, init: float, lr: float, momentum: float,
+                 grad_clip: float) -> None:
+        self.constraint = constraint
+        self.mu = nn.Parameter(torch.full((n,), float(init)))
+        self.optimizer = torch.optim.SGD([self.mu], lr=lr, momentum=momentum)
+        self.grad_clip = grad_clip
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
+
+    def weights(self) -> torch.Tensor:
+        """f(mu) (N,): the weights of the constrained streams."""
+        return squash_multipliers(self.mu.detach(), self.constraint)
+
+    def step(self, constraint_values: torch.Tensor) -> float:
+        """One optimizer step on `sum_i f(mu_i) (v_i - theta_i)`; returns the loss."""
+        loss = multiplier_loss(self.mu, constraint_values.double().cpu(), self.thresholds, self.constraint)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([self.mu], self.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        buf = self.optimizer.state.get(self.mu, {}).get("momentum_buffer")
+        return {"mu": self.mu.detach().tolist(), "momentum_buffer": None if buf is None else buf.tolist(),
+                "thresholds": self.thresholds.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.mu.copy_(torch.tensor(state["mu"]))
+        if state["momentum_buffer"] is not None:
+            self.optimizer.state[self.mu]["momentum_buffer"] = torch.tensor(state["momentum_buffer"])
+        self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float64)

@@ -19,17 +19,15 @@ component pushed alone is an estimate of the joint point; NM-PPO refines the thr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_overopt import dist
 from rlhf_overopt.config import validate
 from rlhf_overopt.constrained import quadratic_peak
-from rlhf_overopt.loops.common import InputError, RunContext
-from rlhf_overopt.runs import RunDir, read_jsonl, summarize_curves
+from rlhf_overopt.errors import InputError
+from rlhf_overopt.lifecycle import RunContext
+from rlhf_overopt.runs import read_jsonl
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -59,35 +57,17 @@ def fit_proxy_point(values: list[float], gold: list[float]) -> dict[str, Any]:
 
 
 def _component_run(ctx: RunContext, i: int) -> Path:
-    """Stage 1 for component i: train (or reuse, or resume) the run that optimizes it alone."""
-    from rlhf_overopt.loops import dynamic_ppo
-
-    cfg, info = ctx.cfg, ctx.dist
+    """Stage 1 for component i: the run that optimizes it alone, as a nested dynamic_ppo run with
+    fixed one-hot weights (reused when completed, resumed when interrupted)."""
+    cfg = ctx.cfg
     names = cfg.components.names
-    out = ctx.run.root / "runs" / names[i]
     one_hot = [1.0 if j == i else 0.0 for j in range(len(names))]
-    sub_cfg = dataclasses.replace(cfg, method="dynamic_ppo", name=f"{cfg.name}-{names[i]}", output_dir=str(out),
-                                  resume=True,
+    sub_cfg = dataclasses.replace(cfg, method="dynamic_ppo", name=f"{cfg.name}-{names[i]}",
+                                  output_dir=str(ctx.run.root / "runs" / names[i]), resume=True,
                                   weighting=dataclasses.replace(cfg.weighting, mode="fixed", weights=one_hot))
     validate(sub_cfg, check_paths=False)
-    summary_path = out / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
-        log.info("proxy points: reusing the completed run %s", out)
-        return out
-    run = RunDir(out, writable=info.is_main)
-    state = "resume" if (out / "config.yaml").exists() else "new"
-    if info.is_main:
-        run.init(sub_cfg)
-    dist.barrier()
-    log.info("proxy points: training %s alone into %s (%s)", names[i], out, state)
-    started = time.time()
-    result = dynamic_ppo.run(RunContext(cfg=sub_cfg, dist=info, run=run, state=state, testbed=ctx.testbed))
-    dist.barrier()
-    if info.is_main:
-        run.write_summary({"status": "completed", "method": sub_cfg.method,
-                           "wall_time_s": round(time.time() - started, 2),
-                           "curves": summarize_curves(run.curves()), **result})
-    return out
+    log.info("proxy points: %s alone", names[i])
+    return ctx.run_method(sub_cfg)
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
