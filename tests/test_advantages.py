@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf_overopt.advantages import gae
@@ -103,3 +104,59 @@ def test_gae_ignores_garbage_after_eos():
     torch.testing.assert_close(adv, adv2)
     torch.testing.assert_close(ret, ret2)
     assert (adv[:, 3:] == 0).all() and (ret[:, 3:] == 0).all()
+
+
+# -- GRPO / Dr. GRPO / RLOO advantages and the per-token reward, worked by hand ----------------
+
+def test_group_advantages_hand():
+    from rlhf_overopt.advantages import group_advantages
+
+    # group 1: rewards 1, 2, 3 -> mean 2, sample std 1 -> (-1, 0, 1) / (1 + eps)
+    # group 2: rewards 5, 5, 5 -> all equal -> 0 (no learning signal)
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    got = group_advantages(r, 3, eps=1e-4)
+    assert torch.allclose(got, torch.tensor([-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0]))
+    # Dr. GRPO drops the std: r - mean
+    assert torch.equal(group_advantages(r, 3, std_normalize=False), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    # group of 2: rewards 0, 4 -> mean 2, sample std sqrt(8) = 2.828 -> -/+ 2 / 2.828 = 0.7071
+    got = group_advantages(torch.tensor([0.0, 4.0]), 2, eps=0.0)
+    assert torch.allclose(got, torch.tensor([-0.70711, 0.70711]), atol=1e-5)
+
+
+def test_leave_one_out_advantages_hand():
+    from rlhf_overopt.advantages import leave_one_out_advantages
+
+    # rewards 1, 2, 6 (one group of 3): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    got = leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3)
+    # second group 0, 0, 3: baselines 1.5, 1.5, 0
+    assert torch.equal(got, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    # = G / (G - 1) * (r - mean): 3/2 * (1 - 3) = -3
+    r = torch.randn(12)
+    assert torch.allclose(leave_one_out_advantages(r, 4),
+                          4 / 3 * (r.view(3, 4) - r.view(3, 4).mean(1, keepdim=True)).reshape(-1), atol=1e-6)
+
+
+def test_group_advantages_reject_partial_groups():
+    from rlhf_overopt.advantages import group_advantages, leave_one_out_advantages
+
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="groups of 1"):
+        leave_one_out_advantages(torch.zeros(3), 1)
+
+
+def test_token_rewards_hand():
+    from rlhf_overopt.advantages import stream_token_rewards, token_rewards
+
+    # two responses of 3 and 2 tokens; KL per token k, beta 0.5; scores 1 and -2 at the last token
+    kl = torch.tensor([[0.2, 0.4, 0.6], [1.0, -0.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    got = token_rewards(torch.tensor([1.0, -2.0]), kl, 0.5, mask)
+    assert torch.allclose(got, torch.tensor([[-0.1, -0.2, -0.3 + 1.0], [-0.5, 0.1 - 2.0, 0.0]]))
+    streams = stream_token_rewards(torch.tensor([[1.0, -2.0], [3.0, 4.0]]), kl, mask)
+    assert streams.shape == (3, 2, 3)
+    assert torch.equal(streams[0], -kl)
+    assert torch.equal(streams[2], torch.tensor([[0.0, 0.0, 3.0], [0.0, 4.0, 0.0]]))
+    # the linear combination of streams is token_rewards of the combined score
+    combined = 0.5 * streams[0] + streams[1]
+    assert torch.allclose(combined, got)

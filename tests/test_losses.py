@@ -257,3 +257,33 @@ def test_madpo_weights_feed_weighted_dpo():
         POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.5, weights=w
     )
     assert loss.item() == pytest.approx((w * per_pair).mean().item())
+
+
+# -- GRPO loss normalizations, worked by hand ---------------------------------------------------
+
+def test_normalize_token_loss_hand():
+    from rlhf_overopt.losses import normalize_token_loss
+
+    # response 1: 3 tokens with losses 1, 2, 3 (sum 6); response 2: 1 token with loss 4 (sum 4)
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # sequence (GRPO): mean of per-response means = (6/3 + 4/1) / 2 = 3
+    assert normalize_token_loss(per_token, mask, "sequence").item() == pytest.approx(3.0)
+    # token: one mean over the 4 valid tokens = 10 / 4
+    assert normalize_token_loss(per_token, mask, "token").item() == pytest.approx(2.5)
+    # constant (Dr. GRPO), L = 5: (6/5 + 4/5) / 2 = 1
+    assert normalize_token_loss(per_token, mask, "constant", 5).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown loss normalization"):
+        normalize_token_loss(per_token, mask, "mean")
+
+
+def test_ppo_policy_loss_is_the_token_mean_of_the_clipped_surrogate():
+    from rlhf_overopt.losses import clipped_surrogate, normalize_token_loss, ppo_policy_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv = (torch.randn(3, 5, generator=g) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    per_token, _ = clipped_surrogate(logp, old, adv, mask, 0.2)
+    assert torch.all(per_token[mask == 0] == 0)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, 0.2)
+    assert torch.equal(loss, normalize_token_loss(per_token, mask, "token"))

@@ -18,11 +18,11 @@ SCRIPT = ROOT / "tests" / "dist" / "ppo_update_check.py"
 pytestmark = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 
 
-def launch(out: Path, stage: int, ranks: int) -> dict:
-    cmd = [sys.executable, str(SCRIPT), str(out), str(stage)]
+def launch(out: Path, stage: int, ranks: int, mode: str = "ppo") -> dict:
+    cmd = [sys.executable, str(SCRIPT), str(out), str(stage), mode]
     if ranks > 1:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29600 + stage), str(SCRIPT), str(out),
-               str(stage)]
+               str(stage), mode]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,3 +52,18 @@ def test_two_ranks_equal_one_rank(tmp_path, stage):
     else:
         assert one["local_params"] == [total]
         assert two["local_params"] == [total, total]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "normalization"), [(2, "sequence"), (3, "token"), (0, "constant")])
+def test_group_update_two_ranks_equal_one_rank(tmp_path, stage, normalization):
+    """GRPO's update (two groups of 4, one per rank) with the k3 KL in the loss: 2 ranks == 1 rank,
+    for each loss normalization (the token mean is the one that needs DeepSpeed's rescaling)."""
+    mode = f"grpo-{normalization}"
+    one = launch(tmp_path / "one.pt", stage, 1, mode)
+    launch(tmp_path / "two.pt", stage, 2, mode)
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    policy_keys = [k for k in a["params"] if not k.startswith("value.")]
+    worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in policy_keys)
+    assert worst < 1e-5, f"largest parameter difference {worst}"
+    assert one["stats"]["approx_kl"] > 0 and one["stats"]["kl_ref_k3"] > 0

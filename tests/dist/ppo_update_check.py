@@ -1,11 +1,12 @@
-"""One PPO update on fixed rollouts; run under `python` (1 rank) or `deepspeed --num_gpus 2`.
+"""One PPO (or GRPO) update on fixed rollouts; run under `python` (1 rank) or `deepspeed --num_gpus 2`.
 
-    python tests/dist/ppo_update_check.py OUT.pt STAGE
-    deepspeed --num_gpus 2 tests/dist/ppo_update_check.py OUT.pt STAGE
+    python tests/dist/ppo_update_check.py OUT.pt STAGE [ppo | grpo-sequence | grpo-token | grpo-constant]
+    deepspeed --num_gpus 2 tests/dist/ppo_update_check.py OUT.pt STAGE [...]
 
 Every rank builds the same tiny policy, value model and global rollout batch of 8 (same seeds),
-keeps its share of the rows, runs `ppo_update`, and rank 0 saves the full parameters and the
-parameter count each rank held, so the test can compare 2 ranks against 1.
+keeps its share of the rows, runs `ppo_update` (or `group_update`: two groups of 4 responses, one
+per rank on 2 ranks, with the k3 KL to the reference in the loss), and rank 0 saves the full
+parameters and the parameter count each rank held, so the test can compare 2 ranks against 1.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedTokenizerFast  # noqa: E402
 
 from rlhf_overopt import dist  # noqa: E402
-from rlhf_overopt.advantages import gae  # noqa: E402
-from rlhf_overopt.config import load_config  # noqa: E402
+from rlhf_overopt.advantages import gae, group_advantages  # noqa: E402
 from rlhf_overopt.engines import ds_config, ensure_process_group, gathered, local_parameter_count, train_engine  # noqa: E402
-from rlhf_overopt.loops.ppo import PPOBatch, global_whiten, ppo_update, step_generator  # noqa: E402
-from rlhf_overopt.rollout import ValueModel, generate, response_values, sequence_logprobs  # noqa: E402
+from rlhf_overopt.rollout import generate, sequence_logprobs  # noqa: E402
+from rlhf_overopt.seeds import step_generator  # noqa: E402
+from rlhf_overopt.update import group_update, ppo_update  # noqa: E402
+from rlhf_overopt.values import ValueModel, response_values  # noqa: E402
 
 BATCH = 8
 
@@ -45,12 +47,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds --local_rank
     out, stage = Path(args[0]), int(args[1])
+    mode = args[2] if len(args) > 2 else "ppo"
     info = dist.init("cpu")
     ensure_process_group(info.device)
     info = dist.init("cpu")
     world, rank = info.world_size, info.rank
-    cfg = load_config(None, ["ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.lr=1e-3",
-                             "ppo.value_lr=1e-3", f"deepspeed.zero_stage={stage}"], check_paths=False)
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     gpt_cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64,
@@ -71,13 +72,20 @@ def main() -> None:
         rewards = torch.zeros_like(old_logprobs)
         score = torch.linspace(-1, 1, BATCH)
         rewards[torch.arange(BATCH), full.response_mask.sum(-1) - 1] = score
-        advantages, returns = gae(rewards, old_values, full.response_mask, 1.0, 0.95)
+        advantages, returns = gae(rewards, old_values[0], full.response_mask, 1.0, 0.95)
+        reference = GPT2LMHeadModel(gpt_cfg)
+        reference.load_state_dict(policy.state_dict())
+        # a reference a little away from the policy, so the KL term of the GRPO loss is not zero
+        for param in reference.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+        ref_logprobs = sequence_logprobs(reference, full.query_ids, full.query_mask, full.response_ids,
+                                         full.response_mask)
+        group_adv = group_advantages(score, 4)
 
     per = BATCH // world
     rows = torch.arange(rank * per, (rank + 1) * per)
     mine = full.select(rows)
-    advantages_local = global_whiten(advantages[rows], mine.response_mask)
-    batch = PPOBatch(mine, old_logprobs[rows], old_values[rows], advantages_local, returns[rows])
+    advantages_local = dist.global_whiten(advantages[rows], mine.response_mask)
 
     engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=per, world_size=world, max_grad_norm=1.0)
     policy_engine = train_engine(policy, lr=1e-3, total_steps=10, final_ratio=1.0, config=engine_cfg)
@@ -85,8 +93,17 @@ def main() -> None:
     counts = dist.all_gather_cat(torch.tensor([local_parameter_count(policy_engine.module)]))
     # parameters ZeRO-3 keeps whole on every rank (below its persistence threshold)
     persistent = sum(p.ds_numel for p in policy_engine.module.parameters() if getattr(p, "ds_persist", False))
-    stats = ppo_update(policy_engine, value_engine, batch, cfg=cfg, micro_batch=per,
-                       generator=step_generator(0, 0, 1), step=0)
+    if mode == "ppo":
+        stats = ppo_update(policy_engine, value_engine, mine, old_logprobs=old_logprobs[rows],
+                           old_values=old_values[:, rows], returns=returns[rows][None],
+                           advantages_for=lambda idx: advantages_local[idx], epochs=2, micro_batch=per,
+                           clip_range=0.2, clip_range_value=0.2, vf_coef=0.5, temperature=1.0,
+                           generator=step_generator(0, 0, 1), step=0)
+    else:
+        stats = group_update(policy_engine, mine, old_logprobs=old_logprobs[rows], ref_logprobs=ref_logprobs[rows],
+                             advantages=group_adv[rows], epochs=2, micro_batch=per, clip_range=0.2, temperature=1.0,
+                             kl_coef=0.1, loss_normalization=mode.split("-")[1], max_new_tokens=6,
+                             generator=step_generator(0, 0, 1), step=0)
     with gathered(policy_engine.module, stage):
         params = {k: v.detach().clone() for k, v in policy_engine.module.named_parameters()}
     with gathered(value_engine.module, stage):
