@@ -87,12 +87,12 @@ def bon_curve_rows(member_scores: torch.Tensor, gold: torch.Tensor, aggregators:
 def run(ctx: RunContext) -> dict[str, Any]:
     from datasets import Dataset, concatenate_datasets, load_from_disk
 
-    from rlhf_overopt.loops.train_rm import ensure_proxies
+    from rlhf_overopt.reward_cache import ensure_proxies
 
     cfg, info, b = ctx.cfg, ctx.dist, ctx.cfg.bon
     timings: dict[str, float] = {}
     t = time.time()
-    ensemble = ensure_proxies(ctx).to(info.device)
+    ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
     timings["proxies_s"] = time.time() - t
     pool_dir = ctx.run.root / "pool"

@@ -46,7 +46,7 @@ from torch import nn
 
 from rlhf_overopt import dist
 from rlhf_overopt.advantages import gae
-from rlhf_overopt.components import ComponentRewards, component_values, ensure_components
+from rlhf_overopt.components import ComponentRewards, component_values
 from rlhf_overopt.config import Config
 from rlhf_overopt.constrained import mixed_advantages, multiplier_loss, squash_multipliers, stream_returns
 from rlhf_overopt.curves import check_finite, score_gold
@@ -66,6 +66,7 @@ from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_overopt.masking import last_index, masked_mean, position_ids_from_mask
 from rlhf_overopt.models import check_vocabulary, load_causal_lm, load_tokenizer
 from rlhf_overopt.records import Rollout
+from rlhf_overopt.reward_cache import ensure_components
 from rlhf_overopt.rollout import generate, sequence_logprobs
 from rlhf_overopt.runs import append_jsonl, atomic_write_json, read_jsonl
 from rlhf_overopt.tracking import Tracker
@@ -242,7 +243,7 @@ def setup(ctx: RunContext) -> Session:
     world, rank, stage = info.world_size, info.rank, cfg.deepspeed.zero_stage
     policy_path = str(ctx.testbed.policy_dir) if cfg.policy.path == "testbed" else cfg.policy.path
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
-    components = ensure_components(ctx)
+    components = ensure_components(cfg, ctx.testbed, info, ctx.run)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
     prompts = ctx.testbed.load_prompts()
     train_prompts = list(prompts["train"]["prompt"])

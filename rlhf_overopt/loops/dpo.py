@@ -234,7 +234,7 @@ def preference_step(policy_engine, reference, batch, idx: torch.Tensor, ref_logp
 
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies
+    from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies
 
     cfg, d, info = ctx.cfg, ctx.cfg.dpo, ctx.dist
     ensure_process_group(info.device)
@@ -283,7 +283,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # 2. proxies: they score every evaluation; madpo weights from their margins, once
     t = time.time()
-    ensemble = ensure_proxies(ctx).to(info.device)
+    ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     timings["proxies_s"] = time.time() - t
     weights, madpo_info = None, {}
     if cfg.method == "madpo":

@@ -174,7 +174,7 @@ class Checkpointer:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.train_rm import ensemble_dir, ensure_proxies, first_member_backbone
+    from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, first_member_backbone
 
     cfg, p, info = ctx.cfg, ctx.cfg.ppo, ctx.dist
     ensure_process_group(info.device)
@@ -186,7 +186,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # 0. models: tokenizer, proxies, gold, policy + value engines, frozen reference
     policy_path = str(ctx.testbed.policy_dir) if cfg.policy.path == "testbed" else cfg.policy.path
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
-    ensemble = ensure_proxies(ctx).to(info.device)
+    ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
     prompts = ctx.testbed.load_prompts()
     train_prompts = list(prompts["train"]["prompt"])
