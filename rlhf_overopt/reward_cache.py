@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,8 @@ def _train_components(cfg: Config, testbed, out_dir: Path, device) -> None:
                                                       indent=2) + "\n")
 
 
-def load_components(directory: str | Path, names, terms, *, score_batch_size: int | None = None,
+def load_components(directory: str | Path, names: Sequence[str], terms: Sequence[str], *,
+                    score_batch_size: int | None = None,
                     trust_remote_code: bool = False) -> ComponentRewards:
     """The component ensembles saved under directory/<name>/."""
     root = Path(directory)
