@@ -824,7 +824,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 
 
 COMPOSITE_METHODS = ("constrained_ppo", "nm_ppo", "dynamic_ppo", "proxy_points")
-"""Methods that train PPO on a composite of component rewards (rlhf_overopt/loops/constrained_ppo.py)."""
+"""Methods that train PPO on a composite of component rewards (the driver loops/constrained_ppo.py)."""
 GOLD_TERMS = ("sentiment", "repetition", "eos", "length")
 """The testbed gold's terms that component rewards are labelled by (rlhf_overopt/testbed/gold.py)."""
 
