@@ -7,7 +7,7 @@ ended). Timed call, the framework's own scoring path after tokenization:
 
     t(kind, K) = median wall time of ProxyEnsemble.score_sequences(seqs, standardized=False, method)
 
-for K = 1, 3, 5 and four ways to hold K members (rlhf_overopt/proxy.py):
+for K = 1, 3, 5 and four ways to hold K members (rlhf_overopt/members.py):
 
     independent, loop   K sequence-classification models, scored one after the other
     independent, vmap   the same K models, weights stacked, one torch.func.vmap call
@@ -46,22 +46,24 @@ MULTIHEAD_TARGET = 1.3
 
 def independent_ensemble(testbed, tokenizer, k: int, *, score_batch_size: int, seed: int = 0):
     """K untrained independent members from the SFT policy, heads seeded `seed + i` (train_ensemble's rule)."""
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import SeparateMembers
     from rlhf_overopt.models import reward_model_from_pretrained
-    from rlhf_overopt.proxy import ProxyEnsemble
 
     models = [reward_model_from_pretrained(testbed.policy_dir, pad_token_id=tokenizer.pad_token_id, seed=seed + i)
               for i in range(k)]
-    return ProxyEnsemble("independent", tokenizer, member_names(k), models=models, max_length=max_length(models[0]),
-                         score_batch_size=score_batch_size, standardize=False).eval()
+    return ProxyEnsemble(SeparateMembers("independent", member_names(k), models), tokenizer,
+                         max_length=max_length(models[0]), score_batch_size=score_batch_size, standardize=False).eval()
 
 
 def multihead_ensemble(testbed, tokenizer, k: int, *, score_batch_size: int, seed: int = 0):
     """One backbone of the SFT policy and K heads seeded `seed + i`."""
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import MultiHeadMembers, MultiHeadRewardModel
     from rlhf_overopt.models import backbone_from_pretrained
-    from rlhf_overopt.proxy import MultiHeadRewardModel, ProxyEnsemble
 
     model = MultiHeadRewardModel(backbone_from_pretrained(testbed.policy_dir), [seed + i for i in range(k)]).eval()
-    return ProxyEnsemble("multihead", tokenizer, member_names(k), multihead=model,
+    return ProxyEnsemble(MultiHeadMembers(member_names(k), model), tokenizer,
                          max_length=max_length(model.backbone), score_batch_size=score_batch_size,
                          standardize=False).eval()
 
@@ -70,13 +72,15 @@ def lora_ensemble(testbed, tokenizer, k: int, proxy_cfg, *, score_batch_size: in
     """A frozen reward-model base and K LoRA adapters with the framework's LoRA config (`_lora_config`)."""
     from peft import get_peft_model
 
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import LoraMembers
     from rlhf_overopt.models import (
         init_reward_head_,
         quiet_transformers,
         reward_head,
         reward_model_from_pretrained,
     )
-    from rlhf_overopt.proxy import ProxyEnsemble, _lora_config
+    from rlhf_overopt.rm_training import _lora_config
 
     base = reward_model_from_pretrained(testbed.policy_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
     base_state = dict(base.state_dict())
@@ -91,8 +95,8 @@ def lora_ensemble(testbed, tokenizer, k: int, proxy_cfg, *, score_batch_size: in
                 peft_model.add_adapter(name, config)
         peft_model.set_adapter(name)
         init_reward_head_(reward_head(peft_model), torch.Generator().manual_seed(seed + i))
-    return ProxyEnsemble("lora", tokenizer, member_names(k), peft_model=peft_model.eval(),
-                         lora_base_state=base_state, max_length=max_length(base), score_batch_size=score_batch_size,
+    return ProxyEnsemble(LoraMembers(member_names(k), peft_model.eval(), base_state), tokenizer,
+                         max_length=max_length(base), score_batch_size=score_batch_size,
                          standardize=False).eval()
 
 
@@ -217,8 +221,8 @@ def run(ctx: BenchContext) -> list[Row]:
         (f"Batch: {len(seqs)} prompt+response sequences from the testbed's preference pairs, {min(lengths)}–"
          f"{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); `score_sequences` sorts them by length and "
          f"scores chunks of {batch_size} left-padded rows. Members: the testbed policy's transformer "
-         f"({ensembles['independent'][1].models[0].config.n_layer} layers, d="
-         f"{ensembles['independent'][1].models[0].config.n_embd}) with a scalar head, untrained; LoRA r="
+         f"({ensembles['independent'][1].members.models[0].config.n_layer} layers, d="
+         f"{ensembles['independent'][1].members.models[0].config.n_embd}) with a scalar head, untrained; LoRA r="
          f"{ctx.config.proxy.lora_r} on all linear layers. {ctx.threads} torch thread(s); medians of {repeats} "
          f"interleaved repeats. Ratios divide by one member scored alone in this run. Multihead runs one forward "
          f"whatever K; a LoRA ensemble runs the base once per adapter, and each adapter adds two low-rank "
@@ -241,16 +245,17 @@ def explain_vmap(ctx: BenchContext, ensemble, seqs: list[list[int]], t: dict[str
     pays, and a per-operator profile of both paths."""
     import copy
 
-    from rlhf_overopt.proxy import ProxyEnsemble
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import SeparateMembers
 
     k = ensemble.k
     repeats = max(2, ctx.repeats // 2)
-    # The vmap skeleton runs eager attention (proxy.py: vmap has no batching rule for CPU SDPA); a
+    # The vmap skeleton runs eager attention (members.py: vmap has no batching rule for CPU SDPA); a
     # loop over eager-attention copies separates the kernel change from the batching itself.
-    eager = [copy.deepcopy(m) for m in ensemble.models]
+    eager = [copy.deepcopy(m) for m in ensemble.members.models]
     for m in eager:
         m.set_attn_implementation("eager")
-    eager_ens = ProxyEnsemble("independent", ensemble.tokenizer, ensemble.member_names, models=eager,
+    eager_ens = ProxyEnsemble(SeparateMembers("independent", ensemble.member_names, eager), ensemble.tokenizer,
                               max_length=ensemble.max_length, score_batch_size=ensemble.score_batch_size,
                               standardize=False).eval()
     shortest = [min(seqs, key=len)]

@@ -101,13 +101,14 @@ def proxy_ensemble(config, tokenizer, k: int, device: torch.device):
     """K untrained reward models of the policy's shape (scoring cost does not depend on weights)."""
     from transformers import GPT2ForSequenceClassification
 
-    from rlhf_overopt.proxy import ProxyEnsemble
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import SeparateMembers
 
     models = []
     for i in range(k):
         torch.manual_seed(i)
         models.append(GPT2ForSequenceClassification(config).to(device, torch.bfloat16).eval())
-    return ProxyEnsemble("independent", tokenizer, [f"member_{i}" for i in range(k)], models=models,
+    return ProxyEnsemble(SeparateMembers("independent", [f"member_{i}" for i in range(k)], models), tokenizer,
                          max_length=config.n_positions, standardize=False)
 
 
@@ -188,10 +189,11 @@ def measure_update(ctx: BenchContext, config, ro, device: torch.device, s: Sizes
 def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.device) -> list[Row]:
     """Proxy scoring of the rollout by K = 1 and K = 5 members (K=1 is the K=5 ensemble's first member)."""
     from rlhf_overopt.curves import score_proxies
-    from rlhf_overopt.proxy import ProxyEnsemble
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import SeparateMembers
 
     ensemble = proxy_ensemble(config, tokenizer, 5, device)
-    single = ProxyEnsemble("independent", tokenizer, ["member_0"], models=ensemble.models[:1],
+    single = ProxyEnsemble(SeparateMembers("independent", ["member_0"], ensemble.members.models[:1]), tokenizer,
                            max_length=ensemble.max_length, standardize=False)
     ended = ro.ended.tolist()
     times = {}

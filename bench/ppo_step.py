@@ -78,9 +78,10 @@ def proxy_ensemble(cfg, testbed, tokenizer) -> tuple[Any, str]:
     Training the ensemble here would cost minutes; scoring cost depends on the architecture, not
     on the weights, so an untrained stand-in gives the same time (its scores are meaningless).
     """
-    from rlhf_overopt.loops.train_rm import ensemble_dir
+    from rlhf_overopt.ensemble import ProxyEnsemble
+    from rlhf_overopt.members import SeparateMembers
     from rlhf_overopt.models import context_length, reward_model_from_pretrained
-    from rlhf_overopt.proxy import ProxyEnsemble
+    from rlhf_overopt.reward_cache import ensemble_dir
 
     root = ensemble_dir(cfg, testbed)
     if (root / "ensemble.json").exists():
@@ -92,8 +93,8 @@ def proxy_ensemble(cfg, testbed, tokenizer) -> tuple[Any, str]:
                                            seed=cfg.seed + i, n_layer=cfg.proxy.n_layer)
               for i in range(cfg.proxy.k)]
     max_length = cfg.proxy.max_length or context_length(models[0].config) or 1024
-    ensemble = ProxyEnsemble("independent", tokenizer, [f"member_{i}" for i in range(cfg.proxy.k)],
-                             models=models, max_length=max_length, score_batch_size=cfg.proxy.score_batch_size,
+    ensemble = ProxyEnsemble(SeparateMembers("independent", [f"member_{i}" for i in range(cfg.proxy.k)], models),
+                             tokenizer, max_length=max_length, score_batch_size=cfg.proxy.score_batch_size,
                              standardize=False, score_method=cfg.proxy.score_method)
     return ensemble.eval(), (f"no cached ensemble at `{root.name}`: {cfg.proxy.k} untrained members of the same "
                              "architecture stand in (same cost, meaningless scores)")

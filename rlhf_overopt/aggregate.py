@@ -1,9 +1,12 @@
 """Ensemble aggregation: combine K proxy reward scores into one objective, `(K, B) -> (B,)`.
 
-Every method (PPO, best-of-n, DPO/MADPO margins, evaluation) aggregates through `aggregate`, so
-the rule that was optimized is named by one string everywhere (the `aggregator` key in curves).
+Every method (PPO, best-of-n, DPO/MADPO margins, evaluation) aggregates through `aggregate` or
+`aggregator`, so the rule that was optimized is named by one string everywhere (the `aggregator`
+key in curves). `aggregator(name, ...)` builds the rule once as a `(K, B) -> (B,)` function, for
+callers that apply it to many batches; `aggregate` builds and applies it in one call.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -133,6 +136,40 @@ def parse_aggregator_name(name: str, k: int) -> tuple[str, int | None]:
     raise ValueError(f"unknown aggregator {name!r}; expected one of {AGGREGATOR_NAMES} or 'member_<i>'")
 
 
+def aggregator(
+    name: str,
+    *,
+    uwo_lambda: float = 0.5,
+    std_k: float = 1.0,
+    variance: str = "population",
+    k: int | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rule called `name` as a function `(K, B) -> (B,)`, the name validated once, here.
+
+    name: "mean", "wco", "uwo" (mean - uwo_lambda * var), "median",
+    "mean_minus_std" (mean - std_k * std) or "member_<i>". `variance` ("population" or "sample")
+    applies to "uwo" and "mean_minus_std". With `k`, a member index is checked against it now;
+    without, against each call's K. Sources: see the individual functions.
+    """
+    kind, index = parse_aggregator_name(name, math.inf if k is None else k)
+    if kind == "member":
+
+        def pick(proxy_scores: torch.Tensor) -> torch.Tensor:
+            _check_scores(proxy_scores)
+            parse_aggregator_name(name, proxy_scores.shape[0])  # an index beyond this call's K
+            return member(proxy_scores, index)
+
+        return pick
+    rules: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "mean": mean,
+        "wco": worst_case,
+        "uwo": lambda s: uncertainty_weighted(s, uwo_lambda, variance),
+        "median": median,
+        "mean_minus_std": lambda s: mean_minus_std(s, std_k, variance),
+    }
+    return rules[kind]
+
+
 def aggregate(
     proxy_scores: torch.Tensor,
     name: str,
@@ -141,30 +178,10 @@ def aggregate(
     std_k: float = 1.0,
     variance: str = "population",
 ) -> torch.Tensor:
-    """Aggregate ensemble scores `(K, B) -> (B,)` with the rule called `name`.
+    """Aggregate ensemble scores `(K, B) -> (B,)` with the rule called `name` (see `aggregator`).
 
-    name: "mean", "wco", "uwo" (mean - uwo_lambda * var), "median",
-    "mean_minus_std" (mean - std_k * std) or "member_<i>". `variance` ("population" or "sample")
-    applies to "uwo" and "mean_minus_std". Sources: see the individual functions.
     proxy_scores: (K, B). Returns (B,).
     """
     _check_scores(proxy_scores)
-    kind, index = parse_aggregator_name(name, proxy_scores.shape[0])
-    if kind == "member":
-        return member(proxy_scores, index)
-    rules: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "mean": mean,
-        "wco": worst_case,
-        "uwo": lambda s: uncertainty_weighted(s, uwo_lambda, variance),
-        "median": median,
-        "mean_minus_std": lambda s: mean_minus_std(s, std_k, variance),
-    }
-    return rules[kind](proxy_scores)
-
-
-def aggregator(name: str, *, uwo_lambda: float = 0.5, std_k: float = 1.0, variance: str = "population",
-               k: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """TEMPORARY builder until the reward-side split lands."""
-    if k is not None:
-        parse_aggregator_name(name, k)
-    return lambda s: aggregate(s, name, uwo_lambda=uwo_lambda, std_k=std_k, variance=variance)
+    rule = aggregator(name, uwo_lambda=uwo_lambda, std_k=std_k, variance=variance, k=proxy_scores.shape[0])
+    return rule(proxy_scores)

@@ -1,22 +1,286 @@
-"""TEMPORARY shim until the reward-side split lands."""
-from types import SimpleNamespace
+"""Trained reward models on disk: the one load-or-train cache of proxies and component rewards.
+
+Every experiment that needs proxies calls `ensure_proxies`, every composite experiment
+`ensure_components`. Each loads the configured path when one is given; otherwise it trains once
+into a content-hashed folder beside the testbed, keyed by what determines the trained weights
+(the proxy settings, the backbone, the testbed, the seed), so later runs reuse it in seconds.
+Rank 0 trains under a file lock while the other ranks wait; then every rank loads.
+
+    <testbed cache>/proxies-<hash>/             one saved ProxyEnsemble
+    <testbed cache>/components-<hash>/<name>/   one saved ProxyEnsemble per component
+    <testbed cache>/<testbed>-pretrain-<seed>/  the pretrain ensemble's backbones
+
+The keys and folder names are those of caches written before this module existed: changing a
+key's JSON contents, its hashing or a CACHE_VERSION retrains every cached reward model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from rlhf_overopt import dist
+from rlhf_overopt.components import ComponentRewards, component_preferences, component_values
+from rlhf_overopt.config import Config, to_dict
+from rlhf_overopt.dist import DistInfo
+from rlhf_overopt.ensemble import ENSEMBLE_FILE, ProxyEnsemble
+from rlhf_overopt.errors import InputError
+from rlhf_overopt.runs import RunDir, file_lock
+
+log = logging.getLogger("rlhf_overopt")
+
+PROXY_CACHE_VERSION = 1
+COMPONENTS_CACHE_VERSION = 1
+COMPONENTS_FILE = "components.json"
+VAL_FRACTION = 0.1
 
 
-def ensure_proxies(cfg, testbed, info, run):
-    from rlhf_overopt.loops.train_rm import ensure_proxies as old
-    return old(SimpleNamespace(cfg=cfg, dist=info, run=run, state='new', testbed=testbed, device=info.device))
+# ---------------------------------------------------------------------------------------------
+# Shared: keys, data splits, backbones, the train-once step
+# ---------------------------------------------------------------------------------------------
 
 
-def ensure_components(cfg, testbed, info, run):
-    from rlhf_overopt.components import ensure_components as old
-    return old(SimpleNamespace(cfg=cfg, dist=info, run=run, state='new', testbed=testbed, device=info.device))
+def proxy_key_settings(cfg: Config) -> dict[str, Any]:
+    """The proxy settings that determine trained weights, as they enter a cache key.
+
+    Settings that only steer scoring are left out, and so is `train_pairs` at 0 ("all pairs"):
+    caches written before the option existed keep their keys.
+    """
+    settings = to_dict(cfg.proxy)
+    for key in ("path", "score_batch_size", "on_failed_member", "train_workers"):
+        settings.pop(key, None)
+    if settings.get("train_pairs") == 0:
+        settings.pop("train_pairs")
+    return settings
 
 
-def ensemble_dir(cfg, testbed):
-    from rlhf_overopt.loops.train_rm import ensemble_dir as old
-    return old(cfg, testbed)
+def split_prefs(prefs, seed: int):
+    """Deterministic 90/10 train/validation split of the preference pairs."""
+    if len(prefs) < 20:
+        raise InputError(f"the preference dataset has {len(prefs)} pairs; proxies need at least 20")
+    parts = prefs.train_test_split(test_size=VAL_FRACTION, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
-def first_member_backbone(root):
-    from rlhf_overopt.loops.train_rm import first_member_backbone as old
-    return old(root)
+def limit_train_pairs(train, train_pairs: int):
+    """The first `train_pairs` pairs of the (shuffled) train split; 0 keeps them all."""
+    if not train_pairs:
+        return train
+    if train_pairs > len(train):
+        raise InputError(f"proxy.train_pairs={train_pairs} exceeds the {len(train)} pairs of the train split")
+    return train.select(range(train_pairs))
+
+
+def make_backbone(cfg: Config, testbed, tokenizer, seed: int) -> Path:
+    """A differently seeded pretraining run of the testbed policy (the 'pretrain' ensemble),
+    trained once under a file lock into <testbed cache>/<testbed>-pretrain-<seed>/."""
+    from rlhf_overopt.testbed.sft import train_sft_policy
+
+    target = testbed.root.parent / f"{testbed.root.name}-pretrain-{seed}"
+    with file_lock(target.with_suffix(".lock")):
+        if not (target / "config.json").exists():
+            train_sft_policy(testbed.load_corpus(), tokenizer, cfg.testbed, seed, target)
+    return target
+
+
+def _proxy_backbone(cfg: Config, testbed) -> str:
+    return str(testbed.policy_dir) if cfg.proxy.backbone == "policy" else cfg.proxy.backbone
+
+
+def _trained_once(out_dir: Path, marker: str, train: Callable[[], None], info: DistInfo, what: str) -> None:
+    """Rank 0 runs `train` under out_dir's lock unless out_dir/marker exists; every rank waits."""
+    if info.is_main:
+        with file_lock(out_dir.with_suffix(".lock")):
+            if not (out_dir / marker).exists():
+                t = time.time()
+                train()
+                log.info("%s trained in %.1f s", what, time.time() - t)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxies
+# ---------------------------------------------------------------------------------------------
+
+
+def proxy_cache_dir(cfg: Config, testbed) -> Path:
+    """<testbed cache>/proxies-<hash of what determines the trained weights>."""
+    key = json.dumps({"proxy": proxy_key_settings(cfg), "policy": cfg.policy.path, "testbed": testbed.root.name,
+                      "seed": cfg.seed, "version": PROXY_CACHE_VERSION}, sort_keys=True)
+    return testbed.root.parent / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _train_proxies(cfg: Config, testbed, out_dir: Path, device) -> None:
+    from rlhf_overopt.rm_training import train_ensemble
+
+    train, val = split_prefs(testbed.load_prefs(), cfg.seed)
+    train = limit_train_pairs(train, cfg.proxy.train_pairs)
+    tokenizer = testbed.load_tokenizer()
+    log.info("training %d %s proxies (%d train / %d val pairs) into %s", cfg.proxy.k, cfg.proxy.kind,
+             len(train), len(val), out_dir)
+    # train_ensemble checks, standardizes and writes atomically into out_dir
+    train_ensemble(cfg.proxy.kind, _proxy_backbone(cfg, testbed), tokenizer, train, val, out_dir, cfg.proxy,
+                   seed=cfg.seed, make_backbone=partial(make_backbone, cfg, testbed, tokenizer), device=device,
+                   progress=True)
+
+
+def ensure_proxies(cfg: Config, testbed, info: DistInfo, run: RunDir) -> ProxyEnsemble:
+    """The run's proxy ensemble: loaded from proxy.path, from the cache, or trained (rank 0) first.
+
+    Rank 0 writes proxies.json (proxy_report) into the run directory. The ensemble is on the CPU.
+    """
+    if cfg.proxy.path:
+        return ProxyEnsemble.load(cfg.proxy.path, score_batch_size=cfg.proxy.score_batch_size,
+                                  trust_remote_code=cfg.policy.trust_remote_code)
+    if testbed is None:
+        raise InputError("proxy.path is empty and there is no testbed to train proxies on; set proxy.path")
+    out_dir = proxy_cache_dir(cfg, testbed)
+    _trained_once(out_dir, ENSEMBLE_FILE, lambda: _train_proxies(cfg, testbed, out_dir, info.device), info,
+                  "proxies")
+    ensemble = ProxyEnsemble.load(out_dir, score_batch_size=cfg.proxy.score_batch_size)
+    if info.is_main:
+        run.write_json("proxies.json", proxy_report(ensemble, out_dir))
+    return ensemble
+
+
+def ensemble_dir(cfg: Config, testbed) -> Path:
+    """Where the run's ensemble lives: proxy.path, or its cache folder."""
+    return Path(cfg.proxy.path) if cfg.proxy.path else proxy_cache_dir(cfg, testbed)
+
+
+def first_member_backbone(root: Path) -> Path:
+    """A transformer checkpoint inside a saved ensemble to initialize a value model from:
+    member_0 (independent, pretrain), the shared backbone (multihead) or the base (lora)."""
+    for name in ("member_0", "backbone", "base"):
+        if (root / name / "config.json").exists():
+            return root / name
+    raise InputError(f"{root}: no member_0/, backbone/ or base/ checkpoint to initialize a value model from")
+
+
+def proxy_report(ensemble: ProxyEnsemble, out_dir: Path) -> dict[str, Any]:
+    """What proxies.json records: where the ensemble lives, its members and their accuracies."""
+    return {
+        "path": str(out_dir),
+        "kind": ensemble.kind,
+        "k": ensemble.k,
+        "members": ensemble.member_names,
+        "val_accuracy_noisy": ensemble.val_accuracy,
+        "val_accuracy_clean": ensemble.val_accuracy_clean,
+        "failed_members": ensemble.failed_members,
+        "dropped_members": ensemble.dropped_members,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Components (rlhf_overopt/components.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def components_cache_dir(cfg: Config, testbed) -> Path:
+    """<testbed cache>/components-<hash of the component definitions, proxy settings, policy, testbed, seed>."""
+    proxy = proxy_key_settings(cfg)
+    comp = to_dict(cfg.components)
+    comp.pop("path", None)
+    key = json.dumps({"components": comp, "proxy": proxy, "policy": cfg.policy.path, "testbed": testbed.root.name,
+                      "seed": cfg.seed, "version": COMPONENTS_CACHE_VERSION}, sort_keys=True)
+    return testbed.root.parent / f"components-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _candidate_pairs(cfg: Config, testbed, device) -> dict[str, list]:
+    """Response pairs of the initial policy: the testbed's preference pairs, plus extra sampled pairs."""
+    prefs = testbed.load_prefs()
+    pairs = {"prompt": list(prefs["prompt"]), "first": list(prefs["chosen"]), "second": list(prefs["rejected"]),
+             "first_ended": list(prefs["chosen_ended"]), "second_ended": list(prefs["rejected_ended"])}
+    if cfg.components.pairs_per_prompt > 1:
+        from rlhf_overopt.testbed.build import stage_seed
+        from rlhf_overopt.testbed.data import sample_responses
+
+        policy, tokenizer = testbed.load_policy(device), testbed.load_tokenizer()
+        prompts = list(testbed.load_prompts()["train"]["prompt"])
+        tb = cfg.testbed
+        for r in range(1, cfg.components.pairs_per_prompt):
+            doubled = [p for p in prompts for _ in range(2)]
+            s = sample_responses(policy, tokenizer, doubled, tb.max_new_tokens, tb.gen_batch_size,
+                                 stage_seed(cfg.seed, f"component-pairs-{r}"), progress=False,
+                                 desc="component pairs")
+            pairs["prompt"] += prompts
+            pairs["first"] += s.responses[0::2]
+            pairs["second"] += s.responses[1::2]
+            pairs["first_ended"] += s.ended[0::2]
+            pairs["second_ended"] += s.ended[1::2]
+    return pairs
+
+
+def _train_components(cfg: Config, testbed, out_dir: Path, device) -> None:
+    """Stages 1-3 of rlhf_overopt/components.py's docstring for every component, into out_dir/<name>/."""
+    from rlhf_overopt.gold import GoldScorer
+    from rlhf_overopt.rm_training import reference_responses, train_ensemble
+    from rlhf_overopt.testbed.build import stage_seed
+
+    comp = cfg.components
+    # 1. pairs, and their gold terms
+    pairs = _candidate_pairs(cfg, testbed, device)
+    gold = GoldScorer.from_config(cfg, testbed)
+    first = component_values(gold.components(pairs["prompt"], pairs["first"], pairs["first_ended"]), comp.terms)
+    second = component_values(gold.components(pairs["prompt"], pairs["second"], pairs["second_ended"]), comp.terms)
+    tokenizer = testbed.load_tokenizer()
+    backbone = _proxy_backbone(cfg, testbed)
+    # initial-policy responses for standardization: the testbed pairs' validation split, as for the main proxies
+    reference = reference_responses(split_prefs(testbed.load_prefs(), cfg.seed)[1])
+
+    stats = {}
+    for i, name in enumerate(comp.names):
+        # 2. labels
+        prefs = component_preferences(pairs["prompt"], pairs["first"], pairs["second"], pairs["first_ended"],
+                                      pairs["second_ended"], first[i].tolist(), second[i].tolist(),
+                                      comp.label_noise, stage_seed(cfg.seed, f"component-noise-{name}"))
+        train, val = split_prefs(prefs, cfg.seed)
+        train = limit_train_pairs(train, cfg.proxy.train_pairs)
+        stats[name] = {"terms": comp.terms[i], "candidate_pairs": len(pairs["prompt"]), "pairs": len(prefs),
+                       "train_pairs": len(train), "val_pairs": len(val)}
+        log.info("component %s (%s): %d of %d pairs carry a preference; training %d %s proxies",
+                 name, comp.terms[i], len(prefs), len(pairs["prompt"]), cfg.proxy.k, cfg.proxy.kind)
+        # 3. train
+        train_ensemble(cfg.proxy.kind, backbone, tokenizer, train, val, out_dir / name, cfg.proxy, seed=cfg.seed,
+                       make_backbone=partial(make_backbone, cfg, testbed, tokenizer), reference=reference,
+                       device=device, progress=True)
+    (out_dir / COMPONENTS_FILE).write_text(json.dumps({"names": comp.names, "terms": comp.terms, "data": stats},
+                                                      indent=2) + "\n")
+
+
+def load_components(directory: str | Path, names: Sequence[str], terms: Sequence[str], *,
+                    score_batch_size: int | None = None,
+                    trust_remote_code: bool = False) -> ComponentRewards:
+    """The component ensembles saved under directory/<name>/."""
+    root = Path(directory)
+    ensembles = [ProxyEnsemble.load(root / name, score_batch_size=score_batch_size,
+                                    trust_remote_code=trust_remote_code) for name in names]
+    return ComponentRewards(names, terms, ensembles, root=root)
+
+
+def ensure_components(cfg: Config, testbed, info: DistInfo, run: RunDir) -> ComponentRewards:
+    """The run's components: loaded from components.path, from the cache, or trained (rank 0) first.
+
+    Rank 0 writes components.json into the run directory. The components are on `info.device`.
+    """
+    comp = cfg.components
+    if comp.path:
+        out_dir = Path(comp.path)
+    else:
+        if testbed is None:
+            raise InputError("components.path is empty and there is no testbed to label components on")
+        out_dir = components_cache_dir(cfg, testbed)
+        _trained_once(out_dir, COMPONENTS_FILE, lambda: _train_components(cfg, testbed, out_dir, info.device),
+                      info, "components")
+    components = load_components(out_dir, comp.names, comp.terms, score_batch_size=cfg.proxy.score_batch_size,
+                                 trust_remote_code=cfg.policy.trust_remote_code)
+    if info.is_main:
+        data = json.loads((out_dir / COMPONENTS_FILE).read_text()) if (out_dir / COMPONENTS_FILE).exists() else {}
+        run.write_json("components.json", {"path": str(out_dir), **components.report(), "data": data.get("data")})
+    return components.to(info.device)

@@ -27,7 +27,7 @@ weighting mode:
                 the first point only founds the buffer (scale stays 1).
 - gradient:     not available here. The gradient-based update needs per-objective policy gradients,
                 which a reward function never sees; use `method: dynamic_ppo` with
-                `weighting.mode=gradient` (rlhf_overopt/loops/dynamic_ppo.py).
+                `weighting.mode=gradient` (the dynamic_ppo driver, loops/dynamic_ppo.py).
 
 The buffer is tracked in fixed mode too (history only), as dynamic_ppo does, so a fixed-weight run
 reports the front it reaches. The math is rlhf_overopt.constrained's (`hypervolume`,

@@ -6,6 +6,7 @@ import torch
 from rlhf_overopt.aggregate import (
     AGGREGATOR_NAMES,
     aggregate,
+    aggregator,
     mean,
     mean_minus_std,
     median,
@@ -174,3 +175,22 @@ def test_output_shape_and_gradient():
         out.sum().backward()
         assert s.grad is not None and torch.isfinite(s.grad).all()
         s.grad = None
+
+
+def test_aggregator_builder_hand():
+    # K = 3 members, B = 2 samples.
+    # column 0: [1, 2, 6]  mean 3, population var (4 + 1 + 9)/3 = 14/3, min 1
+    # column 1: [0, 3, 3]  mean 2, population var (4 + 1 + 1)/3 = 2,    min 0
+    scores = torch.tensor([[1.0, 0.0], [2.0, 3.0], [6.0, 3.0]])
+    close(aggregator("mean")(scores), [3.0, 2.0])
+    close(aggregator("wco")(scores), [1.0, 0.0])
+    # uwo, lambda 0.5: 3 - 7/3 = 2/3 and 2 - 1 = 1
+    close(aggregator("uwo", uwo_lambda=0.5, variance="population")(scores), [2.0 / 3.0, 1.0])
+    close(aggregator("member_1", k=3)(scores), [2.0, 3.0])
+    # the name is checked when the rule is built, not when it is applied
+    with pytest.raises(ValueError, match="'bogus'"):
+        aggregator("bogus")
+    with pytest.raises(ValueError, match="out of range"):
+        aggregator("member_3", k=3)
+    with pytest.raises(ValueError, match="out of range"):
+        aggregator("member_3")(scores)

@@ -252,8 +252,8 @@ def test_component_cache_key_ignores_train_pairs_at_its_default():
     is the old formula's); a subset of the pairs gets a folder of its own."""
     import hashlib
 
-    from rlhf_overopt.components import COMPONENTS_CACHE_VERSION, components_cache_dir
     from rlhf_overopt.config import load_config, to_dict
+    from rlhf_overopt.reward_cache import COMPONENTS_CACHE_VERSION, components_cache_dir
 
     class FakeTestbed:
         root = Path("/cache/testbed-0123")

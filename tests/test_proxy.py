@@ -1,4 +1,4 @@
-"""Tests of rlhf_overopt.proxy: training every ensemble kind, failed members, standardization,
+"""Tests of the proxy ensemble (rlhf_overopt.ensemble, .members, .rm_training): training every ensemble kind, failed members, standardization,
 batched scoring against member-by-member scoring, save/load.
 
 A tiny offline world is built once per module: a byte-level BPE tokenizer, a random-init
@@ -21,15 +21,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhf_overopt.config import ProxyConfig
+from rlhf_overopt.ensemble import ENSEMBLE_FILE, FailedMemberError, ProxyEnsemble
 from rlhf_overopt.models import encode_for_reward, reward_head
-from rlhf_overopt.proxy import (
-    ENSEMBLE_FILE,
-    FailedMemberError,
-    ProxyEnsemble,
-    encode_pairs,
-    reference_responses,
-    train_ensemble,
-)
+from rlhf_overopt.rm_training import encode_pairs, reference_responses, train_ensemble
 
 GOOD = ["good", "great", "lovely", "superb"]
 BAD = ["bad", "awful", "boring", "dull"]
@@ -252,7 +246,7 @@ def test_pretrain_members_use_their_own_backbones(trained):
     assert ensemble.train_config["member_backbones"] == [
         str(trained.world_root / f"pretrained_{s}") for s in (1000, 1001, 1002)
     ]
-    embeddings = [m.transformer.wte.weight for m in ensemble.models]
+    embeddings = [m.transformer.wte.weight for m in ensemble.members.models]
     assert not torch.allclose(embeddings[0], embeddings[1])
 
 
@@ -267,7 +261,7 @@ def test_scores_equal_member_by_member(trained, world, kind):
     scores = ensemble.score_ids(ids, mask, standardized=False)
     assert scores.shape == (3, ids.shape[0])
     with torch.no_grad():
-        alone = torch.stack([ensemble._member_scores(i, ids, mask) for i in range(ensemble.k)])
+        alone = torch.stack([ensemble.members.member_scores(i, ids, mask) for i in range(ensemble.k)])
     torch.testing.assert_close(scores, alone, atol=1e-5, rtol=0)
 
 
@@ -360,13 +354,13 @@ def _break_member(ensemble: ProxyEnsemble, index: int) -> ProxyEnsemble:
     broken = copy.deepcopy(ensemble)
     with torch.no_grad():
         if broken.kind == "multihead":
-            broken.multihead.heads.weight[index].zero_()
+            broken.members.model.heads.weight[index].zero_()
         elif broken.kind == "lora":
-            broken.peft_model.set_adapter(broken.member_names[index])
-            reward_head(broken.peft_model).weight.zero_()
+            broken.members.peft_model.set_adapter(broken.member_names[index])
+            reward_head(broken.members.peft_model).weight.zero_()
         else:
-            reward_head(broken.models[index]).weight.zero_()
-    broken._stacked = None
+            reward_head(broken.members.models[index]).weight.zero_()
+            broken.members._stacked = None  # the vmap path's stacked copy of the old weights
     return broken
 
 
@@ -380,7 +374,7 @@ def test_failed_member_error(trained, world):
 def test_failed_member_warn(trained, world, caplog):
     broken = _break_member(trained("independent"), 1)
     pairs = encode_pairs(world["val"], world["tokenizer"], broken.max_length)
-    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.proxy"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.ensemble"):
         failed = broken.check_members(pairs, min_accuracy=0.6, on_failed_member="warn")
     assert failed == ["member_1"] and broken.failed_members == ["member_1"]
     assert broken.k == 3 and broken.val_accuracy["member_1"] < 0.6
@@ -392,7 +386,7 @@ def test_failed_member_drop(trained, world, kind, caplog):
     original = trained(kind)
     broken = _break_member(original, 1)
     pairs = encode_pairs(world["val"], world["tokenizer"], broken.max_length)
-    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.proxy"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.ensemble"):
         failed = broken.check_members(pairs, min_accuracy=0.6, on_failed_member="drop")
     assert failed == ["member_1"] and any("dropped" in r.getMessage() for r in caplog.records)
     assert broken.member_names == ["member_0", "member_2"] and broken.dropped_members == ["member_1"]
@@ -442,13 +436,13 @@ def test_train_ensemble_argument_errors(world, tmp_path):
 def test_members_trained_in_processes_equal_members_trained_here(trained, world):
     """proxy.train_workers changes where members train, not their weights: two spawned worker
     processes give bit-identical members to training them one after another in this process."""
-    from rlhf_overopt.proxy import member_workers
+    from rlhf_overopt.rm_training import member_workers
 
     here = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
                           _cfg("independent", train_workers=1), progress=False)
     spawned = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
                              _cfg("independent", train_workers=2), progress=False)
-    for a, b in zip(here.models, spawned.models):
+    for a, b in zip(here.members.models, spawned.members.models):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         for key in sa:
