@@ -1,9 +1,9 @@
 """Best-of-n: every n's curve from one scored pool, against drawing fresh samples for each n.
 
 (a) All-n curves vs re-sampling. P held-out prompts, pool size N, K proxy members, the n grid
-1, 2, 4, ..., N (`loops.bon.n_grid`) and every aggregator of the bon method (`aggregator_names`:
+1, 2, 4, ..., N (`rlhf_overopt.pool.n_grid`) and every aggregator of the bon method (`aggregator_names`:
 member_0..member_{K-1}, mean, wco, uwo, median, mean_minus_std). Each path uses the functions
-`rlhf_overopt.loops.bon.run` uses:
+the best-of-n driver uses:
 
     one pool      generate(policy, P x N queries)  +  ensemble.score_texts (K, P*N)  +  gold.score (P*N,)
     all-n curves  one pool  +  bon_curve_rows: per aggregator, aggregate -> one sort -> bon_expected of
@@ -82,7 +82,7 @@ def best_of_n_gold(members: torch.Tensor, gold: torch.Tensor, aggregators: list[
 
 def all_n_vs_resampling(ctx: BenchContext, n_prompts: int, pool_size: int) -> tuple[list[Row], dict[str, Any]]:
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.loops.bon import aggregator_names, bon_curve_rows, n_grid
+    from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid
     from rlhf_overopt.models import load_causal_lm
 
     cfg = bench_config(ctx, pool_size)
@@ -92,8 +92,8 @@ def all_n_vs_resampling(ctx: BenchContext, n_prompts: int, pool_size: int) -> tu
                                      seed=cfg.seed)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
     prompts = list(ctx.testbed.load_prompts()["eval"]["prompt"])[:n_prompts]
-    grid = n_grid(cfg)
-    aggregators = aggregator_names(cfg, ensemble.k)
+    grid = n_grid(cfg.bon.pool_size, cfg.bon.n_grid)
+    aggregators = aggregator_names(cfg.bon.aggregators, ensemble.k)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
 
     # 1. warm-up: one sample per prompt through every stage
@@ -102,7 +102,7 @@ def all_n_vs_resampling(ctx: BenchContext, n_prompts: int, pool_size: int) -> tu
     # 2. one pool, scored once; every curve from it
     pool_times, members, gold_pn = sample_and_score(policy, tokenizer, ensemble, gold, prompts, pool_size, cfg,
                                                     generator)
-    curves_time, _ = median_time(lambda: bon_curve_rows(members, gold_pn, aggregators, grid, cfg), ctx.repeats)
+    curves_time, _ = median_time(lambda: bon_curve_rows(members, gold_pn, aggregators, grid, uwo_lambda=cfg.aggregate.uwo_lambda), ctx.repeats)
     one_pool = pool_times["generate"] + pool_times["score"]
     all_n = one_pool + curves_time
 

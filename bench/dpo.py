@@ -6,7 +6,7 @@ preference format has it), the DPO job's settings (configs/dpo.yaml: batch size,
 gradient clipping), the same token cap (the policy's context length; no pair reaches it), sigmoid
 DPO loss, AdamW with eps 1e-5, no weight decay and a constant LR on both sides (TRL keeps its
 default fused AdamW implementation), CPU, `ctx.threads` torch threads. Both see the same batches
-in the same order: TRL gets the pairs in our epoch's order (`loops.dpo.batch_indices`) and samples
+in the same order: TRL gets the pairs in our epoch's order (`rlhf_overopt.seeds.batch_indices`) and samples
 them sequentially. TRL's DPOConfig turns activation checkpointing on by default (every forward is
 recomputed in the backward); ours does not checkpoint, so the targeted comparison turns it off,
 and one row times TRL as it comes.
@@ -65,13 +65,13 @@ class Data:
     pairs: Any
     """rlhf_overopt.preferences.TokenizedPairs of the same pairs (EOS after every response)."""
     order: list[int]
-    """Our epoch's pair order: the concatenated batches of loops.dpo.batch_indices."""
+    """Our epoch's pair order: the concatenated batches of rlhf_overopt.seeds.batch_indices."""
     max_length: int
     steps: int
 
 
 def load_data(ctx: BenchContext, d, tokenizer, max_length: int) -> Data:
-    from rlhf_overopt.loops.dpo import batch_indices
+    from rlhf_overopt.seeds import batch_indices
     from rlhf_overopt.preferences import tokenize_pairs
 
     prefs = ctx.testbed.load_prefs()
@@ -102,7 +102,8 @@ def build_ours(ctx: BenchContext, d, data: Data, tokenizer, precompute: bool, ta
     """Step 3 of loops/dpo.py: policy engine, frozen reference and (optionally) the reference
     log-probs of every pair. Returns the pieces and the precompute time."""
     from rlhf_overopt.engines import ds_config, frozen_model, train_engine
-    from rlhf_overopt.loops.dpo import pair_logprobs, sharded_map
+    from rlhf_overopt.dist import sharded_map
+    from rlhf_overopt.update import pair_logprobs
     from rlhf_overopt.preferences import collate_pairs
 
     cfg = ctx.config
@@ -130,7 +131,8 @@ def our_epoch(ours: Ours, data: Data, d, pad_token_id: int, seed: int) -> list[f
     """One epoch of loops/dpo.py's per-step work: its batch selection and its `preference_step`
     (log-probs, loss, backward, step, statistics), without evaluation and checkpoints.
     Returns the step losses."""
-    from rlhf_overopt.loops.dpo import batch_indices, preference_step
+    from rlhf_overopt.seeds import batch_indices
+    from rlhf_overopt.update import preference_step
     from rlhf_overopt.preferences import collate_pairs
     from rlhf_overopt.runs import append_jsonl
 

@@ -9,7 +9,7 @@ download), fed with the testbed's tokenizer and prompts (its token ids are all b
     generate      rlhf_overopt.rollout.generate on 64 prompts x 48 new tokens, bf16 weights;
                   tokens/s = sampled response tokens (B x Tr) / median seconds
     update        one PPO minibatch (16 rows) optimizer step of policy and value, as
-                  loops.ppo.ppo_update computes it (sequence_logprobs + ppo_policy_loss, response_values +
+                  rlhf_overopt.update.ppo_update computes it (sequence_logprobs + ppo_policy_loss, response_values +
                   ppo_value_loss, backward, AdamW), fp32 master weights under bf16 autocast, plain
                   torch.optim (no DeepSpeed: a CPU gloo group made by another section in this
                   process must not decide the GPU's backend)
@@ -113,9 +113,10 @@ def proxy_ensemble(config, tokenizer, k: int, device: torch.device):
 
 
 def update_step(policy, value, optimizers, ro, old_logprobs, old_values, advantages, returns, cfg, device):
-    """One minibatch optimizer step of policy and value, the computation of loops.ppo.ppo_update."""
+    """One minibatch optimizer step of policy and value, the computation of rlhf_overopt.update.ppo_update."""
     from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
-    from rlhf_overopt.rollout import response_values, sequence_logprobs
+    from rlhf_overopt.rollout import sequence_logprobs
+    from rlhf_overopt.values import response_values
 
     p = cfg.ppo
     mask = ro.response_mask
@@ -128,7 +129,7 @@ def update_step(policy, value, optimizers, ro, old_logprobs, old_values, advanta
     optimizers[0].step()
     optimizers[0].zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        values = response_values(value, *args).float()
+        values = response_values(value, *args)[0].float()
         vf_loss, _ = ppo_value_loss(values, old_values, returns, mask, p.clip_range_value)
     (p.vf_coef * vf_loss).backward()
     torch.nn.utils.clip_grad_norm_(value.parameters(), p.max_grad_norm)
@@ -160,7 +161,7 @@ def measure_update(ctx: BenchContext, config, ro, device: torch.device, s: Sizes
     from transformers import GPT2LMHeadModel, GPT2Model
 
     from bench.ppo_step import update_flops
-    from rlhf_overopt.rollout import ValueModel
+    from rlhf_overopt.values import ValueModel
 
     cfg = ctx.config
     torch.manual_seed(cfg.seed)
@@ -188,7 +189,8 @@ def measure_update(ctx: BenchContext, config, ro, device: torch.device, s: Sizes
 
 def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.device) -> list[Row]:
     """Proxy scoring of the rollout by K = 1 and K = 5 members (K=1 is the K=5 ensemble's first member)."""
-    from rlhf_overopt.curves import score_proxies
+    from rlhf_overopt.aggregate import aggregator
+    from rlhf_overopt.evaluate import score_proxies
     from rlhf_overopt.ensemble import ProxyEnsemble
     from rlhf_overopt.members import SeparateMembers
 
@@ -199,7 +201,9 @@ def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.dev
     times = {}
     with torch.no_grad():
         for k, ens in ((1, single), (5, ensemble)):
-            times[k], _ = timed(lambda e=ens: score_proxies(e, ro.prompts, ro.responses, ended, ctx.config.aggregate, 0),
+            agg = ctx.config.aggregate
+            objective = aggregator(agg.name, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k, variance=agg.variance)
+            times[k], _ = timed(lambda e=ens: score_proxies(e, objective, ro.prompts, ro.responses, ended, 0),
                                 device, ctx.repeats)
     return [Row(SECTION, "proxy scoring K=1", times[1], "s", note=f"{len(ro)} responses"),
             Row(SECTION, "proxy scoring K=5", times[5], "s", ratio=times[5] / times[1], baseline="K=1")]

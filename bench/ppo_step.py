@@ -3,7 +3,7 @@ well the update phase uses the CPU's matmul throughput.
 
 Everything runs through the framework's own functions, at the main job's sizes (`ppo.batch_size`
 rollouts, `ppo.mini_batch_size` per optimizer step, `ppo.ppo_epochs`, `ppo.max_new_tokens`), on the
-testbed policy, with the same engines `rlhf_overopt.loops.ppo.run` builds (1-rank DeepSpeed
+testbed policy, with the same engines the PPO driver builds (1-rank DeepSpeed
 engines at `deepspeed.zero_stage`, AdamW, cosine schedule). Phases, in loop order:
 
     generate     rlhf_overopt.rollout.generate, one batch, KV cache, seeded sampler
@@ -13,7 +13,7 @@ engines at `deepspeed.zero_stage`, AdamW, cosine schedule). Phases, in loop orde
     proxy        curves.score_proxies: K members + aggregation (the cached trained ensemble, or
                  untrained members of the same architecture when it is not cached)
     advantages   per-token KL penalty, score at the last token, GAE, whitening
-    update       loops.ppo.ppo_update: ppo_epochs x (batch / minibatch) optimizer steps of policy
+    update       rlhf_overopt.update.ppo_update: ppo_epochs x (batch / minibatch) optimizer steps of policy
                  and value
     gold eval    curves.evaluate_policy on eval.n_prompts held-out prompts (run every eval.every
                  steps, so its amortized share of a step is time / eval.every)
@@ -102,7 +102,7 @@ def proxy_ensemble(cfg, testbed, tokenizer) -> tuple[Any, str]:
 
 @dataclass
 class Models:
-    """What one PPO iteration touches, built as `loops.ppo.run` builds it (1 rank)."""
+    """What one PPO iteration touches, built as the PPO driver builds it (1 rank)."""
 
     policy_engine: Any
     value_engine: Any
@@ -116,7 +116,7 @@ class Models:
 def build_models(cfg, testbed) -> Models:
     from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, train_engine
     from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.rollout import ValueModel
+    from rlhf_overopt.values import ValueModel
 
     p = cfg.ppo
     ensure_process_group(torch.device("cpu"))
@@ -149,12 +149,15 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def measure_phases(cfg, models: Models, testbed, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds of every phase, and the rollout facts the FLOP count needs."""
-    from rlhf_overopt.advantages import gae
-    from rlhf_overopt.curves import evaluate_policy, score_proxies
+    from rlhf_overopt.advantages import gae, token_rewards
+    from rlhf_overopt.aggregate import aggregator
+    from rlhf_overopt.dist import global_whiten
+    from rlhf_overopt.evaluate import evaluate_policy, score_proxies
     from rlhf_overopt.kl import kl_penalty_per_token
-    from rlhf_overopt.loops.ppo import PPOBatch, global_whiten, ppo_update, step_generator
-    from rlhf_overopt.masking import last_index
-    from rlhf_overopt.rollout import generate, response_values, sequence_logprobs
+    from rlhf_overopt.rollout import generate, sequence_logprobs
+    from rlhf_overopt.seeds import eval_generator, step_generator
+    from rlhf_overopt.update import ppo_update
+    from rlhf_overopt.values import response_values
 
     p = cfg.ppo
     m = models
@@ -165,6 +168,8 @@ def measure_phases(cfg, models: Models, testbed, repeats: int) -> tuple[dict[str
     draw = torch.randperm(len(train_prompts), generator=step_generator(cfg.seed, 0))[: p.batch_size]
     batch_prompts = [train_prompts[int(i)] for i in draw]
     t: dict[str, float] = {}
+    agg = cfg.aggregate
+    objective = aggregator(agg.name, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k, variance=agg.variance)
 
     # 1. rollout (the same seed every repeat, so every repeat samples the same tokens)
     t["generate"], ro = timed(lambda: generate(policy, m.tokenizer, batch_prompts, max_new_tokens=p.max_new_tokens,
@@ -183,32 +188,34 @@ def measure_phases(cfg, models: Models, testbed, repeats: int) -> tuple[dict[str
         ended = ro.ended.tolist()
         if m.ensemble is not None:
             t["proxy scoring"], (_, score) = timed(
-                lambda: score_proxies(m.ensemble, ro.prompts, ro.responses, ended, cfg.aggregate, 0), repeats)
+                lambda: score_proxies(m.ensemble, objective, ro.prompts, ro.responses, ended, 0), repeats)
         else:
             score = torch.zeros(len(ro))
 
-        # 4. rewards and advantages (loops.ppo.run steps 5-6)
+        # 4. rewards and advantages (the PPO driver's steps 5-6)
         def advantages() -> tuple[torch.Tensor, torch.Tensor]:
-            rewards = -p.kl_coef * kl_penalty_per_token(old_logprobs, ref_logprobs, p.kl_penalty_estimator) * mask
-            rewards[torch.arange(len(ro)), last_index(mask)] += score
-            adv, ret = gae(rewards, old_values, mask, p.gamma, p.lam)
+            kl_tokens = kl_penalty_per_token(old_logprobs, ref_logprobs, p.kl_penalty_estimator) * mask
+            rewards = token_rewards(score, kl_tokens, p.kl_coef, mask)
+            adv, ret = gae(rewards, old_values[0], mask, p.gamma, p.lam)
             return (global_whiten(adv, mask) if p.whiten_advantages else adv), ret
 
         t["advantages"], (adv, returns) = timed(advantages, repeats)
-    batch = PPOBatch(ro, old_logprobs, old_values, adv, returns)
-
     # 5. the update (each repeat takes real optimizer steps; shapes and cost do not change)
     def update() -> dict[str, float]:
-        return ppo_update(m.policy_engine, m.value_engine, batch, cfg=cfg, micro_batch=p.mini_batch_size,
-                          generator=step_generator(cfg.seed, 0, 1), step=0)
+        return ppo_update(m.policy_engine, m.value_engine, ro, old_logprobs=old_logprobs, old_values=old_values,
+                          returns=returns[None], advantages_for=lambda idx: adv[idx], epochs=p.ppo_epochs,
+                          micro_batch=p.mini_batch_size, clip_range=p.clip_range, clip_range_value=p.clip_range_value,
+                          vf_coef=p.vf_coef, temperature=p.temperature, generator=step_generator(cfg.seed, 0, 1),
+                          step=0)
 
     t["update"], _ = timed(update, repeats)
     # 6. gold evaluation as the loop runs it (fewer repeats: it is the longest phase)
     if m.ensemble is not None:
         t["gold eval"], _ = timed(lambda: evaluate_policy(
-            policy=policy, reference=m.reference, tokenizer=m.tokenizer, prompts=eval_prompts, ensemble=m.ensemble,
-            gold=m.gold, agg=cfg.aggregate, ev=cfg.eval, zero_stage=cfg.deepspeed.zero_stage, seed=cfg.seed * 7919,
-            method="ppo", step=0), max(1, repeats // 2))
+            policy=policy, reference=m.reference, tokenizer=m.tokenizer, prompts=eval_prompts, gold=m.gold, ev=cfg.eval,
+            zero_stage=cfg.deepspeed.zero_stage, generator=eval_generator(cfg.seed, 0, torch.device("cpu")),
+            method="ppo", step=0, aggregator=agg.name, ensemble=m.ensemble, aggregate_fn=objective),
+            max(1, repeats // 2))
     facts = {"rows": len(ro), "query_width": ro.query_ids.shape[1], "response_width": ro.response_ids.shape[1],
              "response_tokens": int(mask.sum()), "update": update}
     return t, facts

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 --master_port P bench/zero_worker.py --testbed DIR --spec S.json --out R.json
 
 Started by `bench/zero.py` (the section owns the sizes, written to the spec JSON); rank 0 writes
-the result JSON. Every engine is built as `rlhf_overopt.loops.ppo` builds the policy's: the
+the result JSON. Every engine is built as the PPO driver builds the policy's: the
 testbed policy, `ds_config(...)` from the main job's PPO settings, `train_engine(...)` (AdamW in
 DeepSpeed's ZeRO optimizer; at stage 3 `engines.sized_for` fills in the ZeRO-3 sizes the config
 does not set: persistence threshold 10 h, prefetch bucket 0.9 h^2, reduce bucket h^2, with h the

@@ -38,7 +38,8 @@ import torch
 
 from rlhf_overopt.aggregate import aggregator
 from rlhf_overopt.config import AggregateConfig
-from rlhf_overopt.curves import check_finite
+from rlhf_overopt.constrained import quadratic_peak
+from rlhf_overopt.evaluate import check_finite
 
 
 def component_values(parts: dict[str, torch.Tensor], terms: Sequence[str]) -> torch.Tensor:
@@ -136,3 +137,25 @@ class ComponentRewards:
         return {name: {"terms": terms, "k": e.k, "val_accuracy_noisy": e.val_accuracy,
                        "val_accuracy_clean": e.val_accuracy_clean, "failed_members": e.failed_members}
                 for name, terms, e in zip(self.names, self.terms, self.ensembles)}
+
+
+def fit_proxy_point(values: list[float], gold: list[float]) -> dict[str, Any]:
+    """Quadratic least-squares fit of gold against a component's value, and where it peaks.
+
+    values, gold: one entry per evaluation point. Returns the coefficients (a, b, c) of
+    `a + b v + c v^2`, the proxy point (the fit's maximum on the observed range of v), and the
+    observed best point for comparison.
+    """
+    import numpy as np
+    from scipy.linalg import lstsq
+
+    x, y = np.asarray(values, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    coef = lstsq(np.stack([np.ones_like(x), x, x * x], axis=1), y)[0]  # exact linear least squares
+    best = int(np.argmax(y))
+    return {
+        "coefficients": [float(c) for c in coef],
+        "proxy_point": float(quadratic_peak(tuple(float(c) for c in coef), float(x.min()), float(x.max()))),
+        "observed_peak_value": float(x[best]),
+        "observed_peak_gold": float(y[best]),
+        "points": [[float(a), float(b)] for a, b in zip(x, y)],
+    }

@@ -84,7 +84,7 @@ from rlhf_overopt.errors import NonFiniteError
 if TYPE_CHECKING:
     from rlhf_overopt.components import ComponentRewards
     from rlhf_overopt.config import AggregateConfig
-    from rlhf_overopt.proxy import ProxyEnsemble  # moving to rlhf_overopt.ensemble
+    from rlhf_overopt.ensemble import ProxyEnsemble
 
 WEIGHTING_MODES: tuple[str, ...] = ("fixed", "hypervolume")
 """Modes a reward function can implement (gradient weighting lives in dynamic_ppo)."""

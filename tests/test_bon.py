@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf_overopt.config import load_config
-from rlhf_overopt.loops.bon import aggregator_names, bon_curve_rows, n_grid
+from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid
 from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_n_grid_and_aggregator_expansion():
     cfg = load_config(None, ["bon.pool_size=20"], check_paths=False)
-    assert n_grid(cfg) == [1, 2, 4, 8, 16, 20]
+    assert n_grid(cfg.bon.pool_size, cfg.bon.n_grid) == [1, 2, 4, 8, 16, 20]
     cfg = load_config(None, ["bon.pool_size=20", "bon.n_grid=[5,1,5]"], check_paths=False)
-    assert n_grid(cfg) == [1, 5]
+    assert n_grid(cfg.bon.pool_size, cfg.bon.n_grid) == [1, 5]
     cfg = load_config(None, ["proxy.k=2", "bon.aggregators=[members, wco, member_1]"], check_paths=False)
-    assert aggregator_names(cfg, 2) == ["member_0", "member_1", "wco"]
+    assert aggregator_names(cfg.bon.aggregators, 2) == ["member_0", "member_1", "wco"]
 
 
 def test_rows_follow_the_aggregated_objective_not_a_member():
@@ -34,7 +34,8 @@ def test_rows_follow_the_aggregated_objective_not_a_member():
     members = torch.tensor([[[3.0, 0.5, -2.0]], [[-2.0, 0.5, 3.0]]])  # (K=2, P=1, N=3)
     gold = torch.tensor([[10.0, 20.0, 30.0]])
     cfg = load_config(None, ["proxy.k=2", "bon.pool_size=3"], check_paths=False)
-    rows = bon_curve_rows(members, gold, ["member_0", "member_1", "mean", "wco"], [1, 3], cfg)
+    rows = bon_curve_rows(members, gold, ["member_0", "member_1", "mean", "wco"], [1, 3],
+                          uwo_lambda=cfg.aggregate.uwo_lambda)
     at = {(r["aggregator"], r["n"]): r for r in rows}
     assert at[("member_0", 3)]["gold_score"] == pytest.approx(10.0)
     assert at[("member_1", 3)]["gold_score"] == pytest.approx(30.0)

@@ -84,7 +84,7 @@ def test_multiplier_loss_gradient_by_hand():
 
 
 def test_violated_inequality_grows_its_multiplier_and_slack_one_shrinks():
-    from rlhf_overopt.loops.constrained_ppo import Multipliers
+    from rlhf_overopt.constrained import Multipliers
 
     m = Multipliers(2, "inequality", [1.0, 0.0], init=0.0, lr=0.1, momentum=0.1, grad_clip=0.5)
     values = torch.tensor([0.2, 0.8])  # component 0 below its threshold, component 1 above
@@ -105,7 +105,7 @@ def test_violated_inequality_grows_its_multiplier_and_slack_one_shrinks():
 
 
 def test_multiplier_step_is_clipped():
-    from rlhf_overopt.loops.constrained_ppo import Multipliers
+    from rlhf_overopt.constrained import Multipliers
 
     m = Multipliers(1, "inequality", [100.0], init=0.0, lr=1.0, momentum=0.0, grad_clip=0.5)
     m.step(torch.tensor([0.0]))  # gradient 0.25 * -100 = -25, clipped to norm 0.5
@@ -113,7 +113,7 @@ def test_multiplier_step_is_clipped():
 
 
 def test_equality_overshoot_turns_the_weight_negative():
-    from rlhf_overopt.loops.constrained_ppo import Multipliers
+    from rlhf_overopt.constrained import Multipliers
 
     m = Multipliers(1, "equality", [0.0], init=0.0, lr=0.1, momentum=0.1, grad_clip=0.5)
     for _ in range(5):
@@ -208,7 +208,7 @@ def test_quadratic_peak():
 
 
 def test_fit_proxy_point_recovers_the_vertex():
-    from rlhf_overopt.loops.proxy_points import fit_proxy_point
+    from rlhf_overopt.components import fit_proxy_point
 
     xs = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     fit = fit_proxy_point(xs, [0.3 + 1.2 * x - 0.4 * x * x for x in xs])  # vertex at 1.5

@@ -14,8 +14,9 @@ import torch
 
 from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import load_config
-from rlhf_overopt.loops.dpo import batch_indices, margin_weights, schedule
 from rlhf_overopt.losses import madpo_weights, preference_loss
+from rlhf_overopt.margins import margin_weights
+from rlhf_overopt.plan import preference_schedule as schedule
 from rlhf_overopt.preferences import (
     PreferenceDataError,
     collate_pairs,
@@ -25,6 +26,7 @@ from rlhf_overopt.preferences import (
     tokenize_pairs,
 )
 from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.seeds import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -391,7 +393,7 @@ sys.argv = ["launch/train.py"]
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {root!r} + "/launch")
 import train
-import rlhf_overopt.loops.dpo as dpo
+import rlhf_overopt.update as dpo
 
 real = dpo.preference_loss
 def interrupted(*args, **kwargs):

@@ -10,14 +10,13 @@ from torch import nn
 from rlhf_overopt.masking import has_eos, response_mask_after_eos
 from rlhf_overopt.records import PromptBatch, Rollout
 from rlhf_overopt.rollout import (
-    ValueModel,
     _nucleus_filter,
     generate,
     position_ids_from_mask,
-    response_values,
     sequence_logprobs,
     tokenize_prompts,
 )
+from rlhf_overopt.values import ValueModel, response_values
 
 PROMPTS = [
     "the film",
@@ -359,19 +358,20 @@ def test_values_are_aligned_with_the_state_before_each_token(tokenizer, value_mo
     response_mask = torch.ones_like(response_mask)  # every position real: compare all of them
     with torch.no_grad():
         values = response_values(value_model, query_ids, query_mask, response_ids, response_mask)
-        assert values.shape == response_ids.shape
+        assert values.shape == (1, *response_ids.shape)
+        values = values[0]
         # value[t] is V(query, response_<t): the value model's output on that prefix alone.
         for i, prompt in enumerate(PROMPTS):
             q = tokenizer(prompt)["input_ids"]
             for t in range(response_ids.shape[1]):
                 prefix = torch.tensor([q + response_ids[i, :t].tolist()])
-                alone = value_model(prefix, torch.ones_like(prefix))[0, -1]
+                alone = value_model(prefix, torch.ones_like(prefix))[0, -1, 0]
                 torch.testing.assert_close(values[i, t], alone, atol=1e-5, rtol=0)
         # Changing response token k changes values after k only.
         k = 2
         changed = response_ids.clone()
         changed[:, k] = (changed[:, k] + 1) % len(tokenizer)
-        values2 = response_values(value_model, query_ids, query_mask, changed, response_mask)
+        values2 = response_values(value_model, query_ids, query_mask, changed, response_mask)[0]
     torch.testing.assert_close(values[:, : k + 1], values2[:, : k + 1], atol=1e-6, rtol=0)
     assert not torch.allclose(values[:, k + 1 :], values2[:, k + 1 :], atol=1e-4)
 
@@ -381,9 +381,28 @@ def test_values_masked_and_differentiable(tokenizer, value_model):
     query_ids, query_mask = tokenize_prompts(tokenizer, PROMPTS)
     response_ids, response_mask = _random_responses(tokenizer, len(PROMPTS), 6, seed=5)
     values = response_values(trainable, query_ids, query_mask, response_ids, response_mask)
-    assert (values[response_mask == 0] == 0).all()
+    assert (values[0][response_mask == 0] == 0).all()
     values.sum().backward()
     assert trainable.head.weight.grad is not None and torch.isfinite(trainable.head.weight.grad).all()
+
+
+def test_value_heads_are_independent_single_head_models(tokenizer, value_model):
+    """A 3-head value model (the composite methods' streams) equals 3 one-head models sharing the
+    backbone, one per head row; save/load keeps the head count."""
+    from rlhf_overopt.values import ValueModel
+
+    multi = ValueModel(copy.deepcopy(value_model.backbone), n_heads=3).eval()
+    query_ids, query_mask = tokenize_prompts(tokenizer, PROMPTS)
+    response_ids, response_mask = _random_responses(tokenizer, len(PROMPTS), 5, seed=6)
+    with torch.no_grad():
+        values = response_values(multi, query_ids, query_mask, response_ids, response_mask)
+        assert values.shape == (3, *response_ids.shape)
+        for s in range(3):
+            one = ValueModel(multi.backbone, n_heads=1).eval()
+            one.head.weight.copy_(multi.head.weight[s:s + 1])
+            one.head.bias.copy_(multi.head.bias[s:s + 1])
+            torch.testing.assert_close(response_values(one, query_ids, query_mask, response_ids, response_mask)[0],
+                                       values[s], atol=1e-6, rtol=0)
 
 
 def test_value_model_save_load_and_backbone_from_policy(tmp_path, model, value_model, tokenizer):

@@ -438,7 +438,7 @@ def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
 ENSEMBLE_E2E_SCRIPT = E2E_SETUP + r"""
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_overopt.proxy import ProxyEnsemble
+from rlhf_overopt.ensemble import ProxyEnsemble
 from rlhf_overopt.trl_rewards import EnsembleReward
 
 # a real (untrained) proxy ensemble: three independent tiny GPT-2 reward models, raw scores

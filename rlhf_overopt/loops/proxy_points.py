@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rlhf_overopt.components import fit_proxy_point
 from rlhf_overopt.config import validate
-from rlhf_overopt.constrained import quadratic_peak
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.runs import read_jsonl
@@ -32,28 +32,6 @@ from rlhf_overopt.runs import read_jsonl
 log = logging.getLogger("rlhf_overopt")
 
 THRESHOLDS_FILE = "thresholds.json"
-
-
-def fit_proxy_point(values: list[float], gold: list[float]) -> dict[str, Any]:
-    """Quadratic least-squares fit of gold against a component's value, and where it peaks.
-
-    values, gold: one entry per evaluation point. Returns the coefficients (a, b, c) of
-    `a + b v + c v^2`, the proxy point (the fit's maximum on the observed range of v), and the
-    observed best point for comparison.
-    """
-    import numpy as np
-    from scipy.linalg import lstsq
-
-    x, y = np.asarray(values, dtype=np.float64), np.asarray(gold, dtype=np.float64)
-    coef = lstsq(np.stack([np.ones_like(x), x, x * x], axis=1), y)[0]  # exact linear least squares
-    best = int(np.argmax(y))
-    return {
-        "coefficients": [float(c) for c in coef],
-        "proxy_point": float(quadratic_peak(tuple(float(c) for c in coef), float(x.min()), float(x.max()))),
-        "observed_peak_value": float(x[best]),
-        "observed_peak_gold": float(y[best]),
-        "points": [[float(a), float(b)] for a, b in zip(x, y)],
-    }
 
 
 def _component_run(ctx: RunContext, i: int) -> Path:
