@@ -1,4 +1,4 @@
-"""Read run directories (DESIGN.md §3) into curves of gold and proxy score against KL.
+"""Read run directories into curves of gold and proxy score against KL.
 
 A run directory holds ``config.yaml``, ``curves.jsonl`` (one JSON object per evaluation point)
 and ``summary.json``. A best-of-n run stores one curve per aggregator in one file (rows over n);

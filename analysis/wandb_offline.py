@@ -1,7 +1,7 @@
 """Read back what a W&B run logged offline: its ``run-<id>.wandb`` file.
 
 wandb (0.31) in offline mode writes one file per run, ``<dir>/wandb/offline-run-*/run-<id>.wandb``.
-It is a record log in the LevelDB log format (the layout wandb's writer uses; DESIGN.md §5):
+It is a record log in the LevelDB log format (the layout wandb's writer uses):
 
 - a 7-byte file header: ``b":W&B"``, magic ``0xBEE1`` (uint16, little endian), version 0 (uint8);
 - then 32 KiB blocks; each chunk has a 7-byte header (CRC-32 of the type byte then the data, unmasked, as

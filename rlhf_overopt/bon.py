@@ -85,7 +85,7 @@ def sort_pool(objective: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Ten
 
     All tensors are reordered with the SAME permutation (`pool_order`): Coste et al.'s public code
     re-ranked by the ensemble score but left the gold scores in the old order, so the "ensemble"
-    gold curve silently equalled one member's (REFERENCE.md, unbiased BoN estimator).
+    gold curve silently equalled one member's.
     objective: (P, N); each of values: (P, N). Returns (objective_sorted, *values_sorted), each
     (P, N).
     """

@@ -1,6 +1,6 @@
 """Process-group plumbing: one code path for a plain `python` run and a `deepspeed` launch.
 
-A run without the launcher is a one-process run of the same code (DESIGN.md §4). Under the
+A run without the launcher is a one-process run of the same code. Under the
 launcher (WORLD_SIZE, RANK and LOCAL_RANK set), DeepSpeed initializes torch.distributed with the
 accelerator's backend (gloo on CPU, nccl on CUDA).
 """

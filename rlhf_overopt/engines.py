@@ -1,4 +1,4 @@
-"""DeepSpeed engines for trained models and frozen models (DESIGN.md §4).
+"""DeepSpeed engines for trained models and frozen models.
 
 Trained models (policy, value) are `deepspeed.initialize` engines at the configured ZeRO stage;
 frozen models (reference policy) are partitioned too at stage 3. A run without the launcher is a

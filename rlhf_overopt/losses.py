@@ -209,7 +209,7 @@ def madpo_weights(
     `w(h) = sigmoid(c(m) * h) / sigmoid(h)` where `h > -tau`, else 1. c(m) falls from about c_max
     at small margins to c_min at large ones. c_min defaults to 1 / c_max. The ratio is computed as
     exp of a log-sigmoid difference for stability. Output is detached (weights carry no gradient).
-    Source: Rho 2025, "Margin-Adaptive DPO", as in the official code (REFERENCE.md).
+    Source: Rho 2025, "Margin-Adaptive DPO", as in the official code.
     margins: (B,). Returns (B,) in the dtype of margins.
     """
     if c_min is None:

@@ -1,4 +1,4 @@
-"""Typed records passed between pipeline stages (DESIGN.md §2).
+"""Typed records passed between pipeline stages.
 
 ```
 prompts ─▶ rollout ─▶ proxy ensemble ─▶ aggregate ─▶ update ─▶ gold eval
@@ -108,7 +108,7 @@ class Rollout:
 
     `logprobs` are log pi(response_t | query, response_<t) of the sampling policy with logits
     divided by `temperature` and WITHOUT top-p filtering: the quantity every later log-prob pass
-    recomputes (REFERENCE.md, PPO details: divide by the temperature in every log-prob pass).
+    recomputes (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO": divide by the temperature in every log-prob pass).
     """
 
     query_ids: torch.Tensor

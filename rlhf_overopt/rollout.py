@@ -1,6 +1,6 @@
 """Rollouts: sample responses from a causal-LM policy and score tokens with per-token log-probs.
 
-The PPO implementation details of REFERENCE.md this module is responsible for:
+The PPO implementation details (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO") this module is responsible for:
 - queries are left-padded with a pad token distinct from EOS, and position ids are computed from
   the attention mask, so a row's positions do not depend on how much padding it received;
 - logits are divided by the sampling temperature in every log-prob pass (sampling, old log-probs,
@@ -30,7 +30,7 @@ def _special_ids(tokenizer) -> tuple[int, int]:
         raise ValueError("the tokenizer has no eos_token; responses could never end")
     if pad is None or pad == eos:
         # A pad equal to EOS makes "last real token" and "did the response end" ambiguous for
-        # anything that looks at token ids (REFERENCE.md, PPO details: a pad distinct from EOS).
+        # anything that looks at token ids (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO": a pad distinct from EOS).
         raise ValueError(
             f"the tokenizer needs a pad token distinct from EOS (pad={pad}, eos={eos}); "
             "add one, e.g. tokenizer.add_special_tokens({'pad_token': '<|pad|>'}), and resize the "
@@ -262,10 +262,10 @@ def sequence_logprobs(
 
     One forward over cat(query, response) with the concatenated masks as attention mask and
     position ids from that mask. The logits at column Tq - 1 + t predict response token t; they
-    are divided by `temperature` BEFORE the log-softmax, as at sampling time (REFERENCE.md, PPO
-    details), so with the sampling temperature this reproduces `Rollout.logprobs`. Masked
+    are divided by `temperature` BEFORE the log-softmax, as at sampling time (Huang et al. 2024,
+    "N+ details"), so with the sampling temperature this reproduces `Rollout.logprobs`. Masked
     positions are 0. Gradients flow to the model (PPO update); the caller decides train/eval mode
-    and should have dropout disabled (REFERENCE.md: dropout off).
+    and should have dropout disabled (Huang et al. 2024: dropout off).
 
     The entropy, if asked, is that of the full temperature-scaled distribution at each position:
     `H_t = -sum_v p_v log p_v`, 0 where masked.

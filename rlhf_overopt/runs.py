@@ -1,4 +1,4 @@
-"""The run directory: the single source of truth that analysis, sweeps and W&B read (DESIGN.md §3).
+"""The run directory: the single source of truth that analysis, sweeps and W&B read.
 
 Every file is written atomically (write to a temporary sibling, fsync, ``os.replace``), so a run
 killed at any instant leaves each file either in its previous complete state or its new one.

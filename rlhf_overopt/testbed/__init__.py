@@ -1,5 +1,5 @@
 """The embedded testbed: an offline world of generated reviews, a BPE tokenizer, a small SFT
-policy, a rule-based gold reward, prompts and gold-labelled preferences (DESIGN.md §2, §5b).
+policy, a rule-based gold reward, prompts and gold-labelled preferences.
 
 `build_testbed(cfg)` builds it once per config into a content-hashed cache and returns a
 `Testbed` of paths with loaders; `TestbedGold` is the gold reward.

@@ -239,7 +239,7 @@ def make_preferences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def preference_stats(rows: list[dict], n_prompts: int, n_ties: int, samples: Samples, scores: list[float],
                      gold: TestbedGold, prompts: list[str]) -> dict:
-    """Label quality and how often each gold term is visible in the pairs (DESIGN.md §5b)."""
+    """Label quality and how often each gold term is visible in the pairs."""
     n = len(rows)
     agree = sum(r["chosen_gold"] > r["rejected_gold"] for r in rows)
     parts = gold.components(prompts, samples.responses, samples.ended)

@@ -12,7 +12,7 @@
   with `n` the response's word count: free inside the band `length_target +- length_tolerance`
   and a linear cost per word outside it, in units of the target.
 
-Why these terms (DESIGN.md §5b): overoptimization shows clearly only when gold values something
+Why these terms (measured with a prototype of this testbed): overoptimization shows clearly only when gold values something
 the preference data rarely shows. Responses of the initial policy almost always end with EOS and
 almost never leave the length band, so labelled pairs hardly ever exercise the EOS and length
 terms; proxies learn sentiment (and that longer effusive reviews score higher on it) and push a

@@ -110,7 +110,7 @@ def torch_threads(n: int) -> Iterator[None]:
     """Run the block with `n` intra-op threads (0: unchanged) and restore the caller's setting.
 
     Small models gain little from a second thread, and on a shared CPU a thread that spins while
-    its core is busy made training and sampling steps up to 10x slower (measured, DESIGN.md §5).
+    its core is busy made training and sampling steps up to 10x slower (measured).
     """
     before = torch.get_num_threads()
     if n > 0:

@@ -3,7 +3,7 @@
 Byte-level BPE (as in GPT-2) maps every string to tokens without an unknown token, and with no
 prefix space and no normalizer `decode(encode(text)) == text` holds exactly, which the gold
 scorer relies on (it scores decoded responses). The pad token is distinct from EOS so that
-padding can never be mistaken for a finished response (REFERENCE.md, PPO details).
+padding can never be mistaken for a finished response (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
 """
 
 from __future__ import annotations
