@@ -30,30 +30,34 @@ from rlhf_overopt.sections import (
     GOLD_TERMS,
     AggregateConfig,
     BonConfig,
+    DataConfig,
+    EvalConfig,
+    GoldConfig,
+    LabelConfig,
+    PolicyConfig,
+    ProxyConfig,
+    TestbedConfig,
+    check_aggregator_name,
+    require,
+)
+from rlhf_overopt.train_sections import (
     ComponentsConfig,
     ConstrainedConfig,
     DeepSpeedConfig,
     DPOConfig,
     DynamicWeightingConfig,
-    EvalConfig,
-    GoldConfig,
     GRPOConfig,
     MADPOConfig,
     NelderMeadConfig,
-    PolicyConfig,
     PPOConfig,
-    ProxyConfig,
     ProxyPointsConfig,
-    TestbedConfig,
     WandbConfig,
-    check_aggregator_name,
-    require,
 )
 
 __all__ = [
     "COMPOSITE_METHODS", "GOLD_TERMS", "GRPO_METHODS", "METHODS", "AggregateConfig", "BonConfig",
-    "ComponentsConfig", "Config", "ConfigError", "ConstrainedConfig", "DPOConfig", "DeepSpeedConfig",
-    "DynamicWeightingConfig", "EvalConfig", "GRPOConfig", "GoldConfig", "MADPOConfig", "Method",
+    "ComponentsConfig", "Config", "ConfigError", "ConstrainedConfig", "DPOConfig", "DataConfig", "DeepSpeedConfig",
+    "DynamicWeightingConfig", "EvalConfig", "GRPOConfig", "GoldConfig", "LabelConfig", "MADPOConfig", "Method",
     "NelderMeadConfig", "PPOConfig", "PolicyConfig", "ProxyConfig", "ProxyPointsConfig", "TestbedConfig",
     "WandbConfig", "check_world_size", "dump_yaml", "field_docs", "load_config", "parse_override", "to_dict",
     "validate",
@@ -92,7 +96,7 @@ class Method:
 
 
 _MODELS = ("testbed", "policy", "gold", "proxy")  # what every trained or evaluated method reads
-_RL = (*_MODELS, "eval", "ppo", "deepspeed", "wandb")
+_RL = (*_MODELS, "data", "eval", "ppo", "deepspeed", "wandb")
 _RL_SPLIT = ("ppo.batch_size", "ppo.mini_batch_size", "eval.n_prompts")
 _RL_CAPS = ("eval.max_new_tokens", "ppo.max_new_tokens")
 _COMPOSITE = (*_RL, "components")
@@ -104,18 +108,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("train_rm", "train_rm", ("testbed", "policy", "gold", "proxy", "wandb"), evaluates=False, fit_form=None,
            composite=False, rollouts=False, split_keys=(), response_caps=(),
            summary="Train the proxy reward ensemble on gold-labelled noisy preferences."),
-    Method("bon", "bon", (*_MODELS, "aggregate", "eval", "bon", "wandb"), evaluates=True, fit_form="bon",
+    Method("label_preferences", "label_preferences", ("testbed", "policy", "gold", "data", "label"), evaluates=False,
+           fit_form=None, composite=False, rollouts=False, split_keys=(), response_caps=("label.max_new_tokens",),
+           summary="Gold-labelled preferences: initial-policy responses paired and labelled by gold, with label noise."),
+    Method("bon", "bon", (*_MODELS, "data", "aggregate", "eval", "bon", "wandb"), evaluates=True, fit_form="bon",
            composite=False, rollouts=False, split_keys=("eval.n_prompts",),
            response_caps=("eval.max_new_tokens", "bon.max_new_tokens"),
            summary="Best-of-n against the aggregated proxy: every n's curve from one pool of N samples."),
     Method("ppo", "ppo", (*_RL, "aggregate"), evaluates=True, fit_form="rl", composite=False, rollouts=True,
            split_keys=_RL_SPLIT, response_caps=_RL_CAPS,
            summary="PPO with a value model and a KL penalty on the aggregated proxy (Ziegler et al. 2019)."),
-    Method("dpo", "dpo", (*_MODELS, "aggregate", "eval", "dpo", "deepspeed", "wandb"), evaluates=True,
+    Method("dpo", "dpo", (*_MODELS, "data", "aggregate", "eval", "dpo", "deepspeed", "wandb"), evaluates=True,
            fit_form="rl", composite=False, rollouts=False, split_keys=("dpo.batch_size", "eval.n_prompts"),
            response_caps=("eval.max_new_tokens",),
            summary="Direct alignment (DPO / IPO / SLiC) on the preference data (Rafailov et al. 2024)."),
-    Method("madpo", "dpo", (*_MODELS, "aggregate", "eval", "dpo", "madpo", "deepspeed", "wandb"), evaluates=True,
+    Method("madpo", "dpo", (*_MODELS, "data", "aggregate", "eval", "dpo", "madpo", "deepspeed", "wandb"), evaluates=True,
            fit_form="rl", composite=False, rollouts=False, split_keys=("dpo.batch_size", "eval.n_prompts"),
            response_caps=("eval.max_new_tokens",),
            summary="DPO with margin-adaptive pair weights from the proxy ensemble (Rho 2025)."),
@@ -177,6 +184,8 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gold: GoldConfig = field(default_factory=GoldConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bon: BonConfig = field(default_factory=BonConfig)
@@ -352,7 +361,45 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ch
     name = cfg.name or stem
     cfg = dataclasses.replace(cfg, name=name, output_dir=cfg.output_dir or str(Path("runs") / name))
     validate(cfg, check_paths=check_paths)
+    check_worlds(cfg, _explicit_keys(data))
     return cfg
+
+
+def _explicit_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a config file and its overrides set (as opposed to defaults)."""
+    keys = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        keys |= _explicit_keys(v, key + ".") if isinstance(v, dict) else {key}
+    return keys
+
+
+def world_sources(cfg: Config) -> dict[str, str]:
+    """The keys of `cfg` that name where a part of the world comes from, for its method:
+    {key: value} of the gold, the prompts, the preference pairs and the components."""
+    sections = METHODS[cfg.method].sections
+    out = {}
+    if "gold" in sections:
+        out["gold.path"] = cfg.gold.path
+    if "data" in sections:
+        out["data.prompts"] = cfg.data.prompts
+    trains_proxies = "proxy" in sections and not cfg.proxy.path and cfg.method not in COMPOSITE_METHODS
+    if trains_proxies:
+        out["proxy.dataset"] = cfg.proxy.dataset
+    if "dpo" in sections:
+        out["dpo.dataset"] = cfg.dpo.dataset
+    return out
+
+
+def check_worlds(cfg: Config, explicit: set[str]) -> None:
+    """Never mix the testbed's world with a user's silently: with a policy that is not the
+    testbed's, every part of the world that would come from the testbed must say so explicitly."""
+    if cfg.policy.path == "testbed":
+        return
+    for key, value in world_sources(cfg).items():
+        require(value != "testbed" or key in explicit, key,
+                f"policy.path is {cfg.policy.path!r}, not the testbed's, but {key} defaults to the testbed's; "
+                f"name your own (see --list-keys), or set {key}=testbed to use the testbed's on purpose")
 
 
 
@@ -403,7 +450,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             value = _value(cfg, key)
             require(tb.fits_context(value), key,
                     f"3 * testbed.prompt_words + {value} does not fit testbed.n_positions ({tb.n_positions})")
-    require(not method.evaluates or cfg.eval.n_prompts <= tb.n_eval_prompts, "eval.n_prompts",
+    require(not method.evaluates or cfg.data.prompts != "testbed" or cfg.eval.n_prompts <= tb.n_eval_prompts,
+            "eval.n_prompts",
             f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
 
     # Ensemble members exist only up to proxy.k (the sections checked the names themselves).

@@ -147,11 +147,14 @@ class GoldConfig:
     """The gold reward the policy never optimizes."""
 
     path: str = "testbed"
-    """'testbed' for the embedded rule-based gold scorer, or a path to a sequence-classification model."""
+    """'testbed' for the embedded rule-based gold scorer, or a local path / hub name of a
+    sequence-classification model (1 label: reward; 2 labels: positive-class log-odds)."""
     batch_size: int = 64
     """Responses per gold scoring batch (model gold only)."""
     trust_remote_code: bool = False
     """Allow model code shipped with the gold checkpoint to run."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of a model gold (bfloat16/float16 on GPU; float32 on CPU)."""
 
     def check(self) -> None:
         _positive(self, "gold", "batch_size")
@@ -167,8 +170,14 @@ class ProxyConfig:
     k: int = 5
     """Number of ensemble members."""
     backbone: str = "policy"
-    """'policy' initializes members from the SFT policy; otherwise a path to a causal LM or
-    sequence-classification checkpoint."""
+    """'policy' initializes members from the SFT policy; otherwise a local path / hub name of a causal
+    LM or sequence-classification checkpoint, with its own tokenizer (proxies read text)."""
+    dataset: str = "testbed"
+    """Preference pairs the members train on: 'testbed', or a path / hub name of a dataset in TRL's
+    formats (prompt/chosen/rejected, or implicit-prompt chosen/rejected), e.g. a label_preferences run's
+    preferences/ folder; gold_chosen/gold_rejected (or chosen_gold/rejected_gold) give clean accuracy."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype the members are scored in (bfloat16/float16 on GPU; training stays float32)."""
     path: str = ""
     """Directory of an already trained ensemble to load; empty means train (or reuse from cache)."""
     n_layer: int = 0
@@ -239,6 +248,74 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from: the testbed, or any dataset (local file or folder, or a hub name)."""
+
+    prompts: str = "testbed"
+    """'testbed', a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or a hub name
+    (loaded with datasets.load_dataset; needs a network, never used by default)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, or a list of chat messages with data.chat_template)."""
+    prompt_template: str = ""
+    """Python format string over the row's columns, e.g. "{instruction}\n\n{input}" (AlpacaFarm); a
+    paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input."""
+    chat_template: bool = False
+    """Apply the policy tokenizer's chat template (add_generation_prompt=True) to each prompt."""
+    train_split: str = "train"
+    """Split (DatasetDict key, or hub split) of the train prompts."""
+    eval_split: str = ""
+    """Split of the held-out eval prompts; empty means hold out data.eval_size prompts of train_split."""
+    eval_size: int = 0
+    """Prompts held out of train_split for evaluation (a seeded, deterministic choice) when eval_split is empty."""
+
+    def check(self) -> None:
+        require(bool(self.prompts), "data.prompts", "must name 'testbed' or a dataset")
+        require(bool(self.prompt_column), "data.prompt_column", "must not be empty")
+        require(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+        if self.prompt_template:
+            import string
+
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+            except ValueError as exc:
+                raise ConfigError(f"data.prompt_template: not a valid format string ({exc})") from None
+            require(all(f and f.isidentifier() for f in fields), "data.prompt_template",
+                    f"fields must be column names, e.g. {{instruction}}; got {self.prompt_template!r}")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """method label_preferences: the gold-labelled preference data of Gao et al. 2022 §2 and Coste
+    et al. 2023 §4 — responses of the initial policy, paired, labelled by gold, with label noise."""
+
+    responses_per_prompt: int = 2
+    """Responses sampled per train prompt (>= 2); consecutive responses form disjoint pairs."""
+    noise: float = 0.25
+    """Fraction of the labels flipped at random, seeded (Coste et al. use 0.25)."""
+    max_prompts: int = 0
+    """Label only the first max_prompts train prompts; 0 uses them all."""
+    max_new_tokens: int = 48
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature (the initial policy's own distribution at 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
+    chunk_prompts: int = 512
+    """Prompts per resumable chunk: a killed run redoes at most one chunk per rank."""
+
+    def check(self) -> None:
+        require(self.responses_per_prompt >= 2, "label.responses_per_prompt",
+                f"must be >= 2 (a pair needs two responses), got {self.responses_per_prompt}")
+        _fraction(self, "label", "noise")
+        require(self.noise < 0.5, "label.noise", f"must be below 0.5 (0.5 is coin-flip labels), got {self.noise}")
+        require(self.max_prompts >= 0, "label.max_prompts", f"must be >= 0, got {self.max_prompts}")
+        _positive(self, "label", "max_new_tokens", "temperature", "batch_size", "chunk_prompts")
+        require(0 < self.top_p <= 1, "label.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: sampling settings and the KL estimator reported on curves."""
 
@@ -285,6 +362,10 @@ class BonConfig:
     """Response length cap of the pool."""
     batch_size: int = 512
     """Sequences per generation batch."""
+    pool: str = ""
+    """An existing scored pool to use instead of sampling one: a dataset (path or hub name) with
+    prompt, response and gold score columns (and member scores when present; missing ones are computed
+    by the proxies), e.g. Coste et al.'s released gold-scored generations."""
 
     def check(self) -> None:
         _positive(self, "bon", "pool_size", "max_new_tokens", "batch_size", "temperature")
@@ -296,313 +377,3 @@ class BonConfig:
         for i, n in enumerate(self.n_grid):
             require(1 <= n <= self.pool_size, f"bon.n_grid[{i}]",
                     f"n={n} must be between 1 and bon.pool_size ({self.pool_size})")
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """Language-model PPO (Ziegler et al. 2019; Huang et al. 2024 'N implementation details')."""
-
-    steps: int = 100
-    """PPO iterations (each: one rollout batch, then ppo_epochs over it)."""
-    batch_size: int = 32
-    """Rollouts per iteration, over all ranks."""
-    mini_batch_size: int = 8
-    """Rollouts per optimizer step, over all ranks."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    lr: float = 1e-4
-    """Policy learning rate."""
-    value_lr: float = 1e-4
-    """Value model learning rate."""
-    lr_final_ratio: float = 1.0
-    """Cosine decay of both learning rates to this fraction at the last step (1.0: constant)."""
-    clip_range: float = 0.2
-    """PPO ratio clip epsilon."""
-    clip_range_value: float = 0.2
-    """Value clip around the old values."""
-    vf_coef: float = 0.5
-    """Weight of the value loss (value model is separate; scales its loss)."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    kl_coef: float = 0.01
-    """KL penalty coefficient (initial value when adaptive)."""
-    adaptive_kl: bool = False
-    """Adapt the KL coefficient towards kl_target (Ziegler et al.)."""
-    kl_target: float = 6.0
-    """Target sequence KL (nats) of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon (in rollouts) of the adaptive controller."""
-    kl_penalty_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator used in the reward penalty."""
-    whiten_rewards: bool = False
-    """Whiten the per-token rewards before GAE."""
-    whiten_advantages: bool = True
-    """Whiten advantages per rollout batch."""
-    no_eos_penalty: float = 0.0
-    """Added to the score of a response that never emits EOS (negative to penalize; 0 disables)."""
-    temperature: float = 1.0
-    """Rollout sampling temperature (log-probs are divided by it in every pass)."""
-    max_new_tokens: int = 48
-    """Rollout response length cap."""
-    value_init: Literal["proxy", "policy"] = "policy"
-    """Initialize the value model from a proxy member's backbone or from the policy."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    save_every: int = 50
-    """Checkpoint every this many iterations (and at the end)."""
-
-    def check(self) -> None:
-        _positive(self, "ppo", "steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
-                  "save_every", "lr", "value_lr", "temperature", "clip_range", "clip_range_value", "kl_target",
-                  "max_grad_norm")
-        _non_negative(self, "ppo", "kl_coef", "vf_coef")
-        require(0 <= self.lam <= 1, "ppo.lam", f"must be in [0, 1], got {self.lam}")
-        require(0 < self.gamma <= 1, "ppo.gamma", f"must be in (0, 1], got {self.gamma}")
-        require(0 < self.lr_final_ratio <= 1, "ppo.lr_final_ratio", "must be in (0, 1]")
-        require(self.batch_size % self.mini_batch_size == 0, "ppo.mini_batch_size",
-                f"must divide ppo.batch_size ({self.batch_size}), got {self.mini_batch_size}")
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Group-relative policy optimization without a value model: GRPO (Shao et al. 2024, DeepSeekMath
-    §4.1) and RLOO (Ahmadian et al. 2024). Rollouts, optimizer and clipping come from ppo.*."""
-
-    group_size: int = 4
-    """Responses sampled per prompt (G >= 2); ppo.batch_size counts responses, so it holds whole groups."""
-    std_normalize: bool = True
-    """Divide each group's centred rewards by their std (GRPO); Dr. GRPO (Liu et al. 2025) drops it. Ignored by rloo."""
-    loss_normalization: Literal["sequence", "token", "constant"] = "sequence"
-    """sequence: mean over each response's tokens, then over responses (GRPO); token: one mean over the
-    minibatch's tokens; constant: each response's token sum divided by ppo.max_new_tokens (Dr. GRPO)."""
-    kl_coef: float = 0.0
-    """beta of the KL to the reference policy (DeepSeekMath uses 0.04; many recipes 0)."""
-    kl_in: Literal["loss", "reward"] = "loss"
-    """loss: the per-token k3 estimator added to the loss (GRPO); reward: beta times the summed per-token
-    ppo.kl_penalty_estimator subtracted from each response's reward before the advantage (RLOO)."""
-    eps: float = 1e-4
-    """Added to the group std before dividing by it."""
-
-    def check(self) -> None:
-        # A group of one has no baseline: its advantage would be 0 (GRPO) or undefined (RLOO's leave-one-out).
-        require(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
-        _non_negative(self, "grpo", "kl_coef")
-        _positive(self, "grpo", "eps")
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    """Direct alignment (DPO / IPO / SLiC); beta sets the KL budget (Rafailov et al. 2024)."""
-
-    beta: float = 0.1
-    """Inverse KL budget: small beta = large budget."""
-    loss_type: Literal["dpo", "ipo", "slic"] = "dpo"
-    """Loss family member."""
-    lr: float = 5e-4
-    """Learning rate."""
-    lr_final_ratio: float = 1.0
-    """Cosine decay of the learning rate to this fraction at the last step (1.0: constant)."""
-    epochs: float = 1.0
-    """Passes over the preference data (fractions allowed)."""
-    batch_size: int = 32
-    """Pairs per optimizer step, over all ranks."""
-    dataset: str = "testbed"
-    """'testbed' preferences, or a path to a `datasets` dataset with prompt/chosen/rejected."""
-    quality: Literal["high", "medium", "low"] = "high"
-    """Testbed data-quality tier: share of pairs whose one response comes from the corpus."""
-    corpus_share_medium: float = 0.25
-    """Share of pairs in the medium tier whose one response is replaced by a corpus review continuation."""
-    corpus_share_low: float = 0.5
-    """Share of pairs in the low tier whose one response is replaced by a corpus review continuation."""
-    max_length: int = 0
-    """Token cap of prompt + response (+ EOS) in training pairs; 0 means the policy's context length."""
-    length_normalize: bool = False
-    """Average each response's log-ratio over its tokens instead of summing (TRL does this for IPO)."""
-    precompute_ref: bool = True
-    """Compute reference log-probs once up front (else a frozen reference runs on every batch)."""
-    logprob_batch_size: int = 64
-    """Pairs per forward pass when precomputing reference log-probs and proxy margins."""
-    evals_per_epoch: int = 8
-    """Evaluation points per epoch (plus step 0 and the last step)."""
-    save_every: int = 50
-    """Checkpoint every this many optimizer steps (and at the end)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-
-    def check(self) -> None:
-        _positive(self, "dpo", "batch_size", "evals_per_epoch", "logprob_batch_size", "save_every", "beta", "lr",
-                  "epochs", "max_grad_norm")
-        require(0 < self.lr_final_ratio <= 1, "dpo.lr_final_ratio", "must be in (0, 1]")
-        require(self.max_length >= 0, "dpo.max_length", "must be >= 0 (0 means the policy's context length)")
-        _fraction(self, "dpo", "corpus_share_medium", "corpus_share_low")
-        require(self.quality == "high" or self.dataset == "testbed", "dpo.quality",
-                "quality tiers are built from the testbed's preferences; use 'high' with a dpo.dataset path")
-
-
-@dataclass(frozen=True)
-class MADPOConfig:
-    """Margin-adaptive DPO weights (Rho 2025); the margin comes from the proxy ensemble."""
-
-    c_max: float = 2.0
-    """Largest weight slope."""
-    c_min: float = 0.0
-    """Smallest slope; 0 means 1/c_max."""
-    lam: float = 1.0
-    """Steepness of the transition around tau."""
-    tau: float = math.log(999)
-    """Margin at which the weighting switches off."""
-    margin_aggregator: str = "member_0"
-    """Aggregator applied to the K member margins r_i(chosen) - r_i(rejected): member_<i> (the paper's single RM), mean, wco, uwo, ..."""
-    standardized_margins: bool = False
-    """Margins from standardized member scores; False keeps the raw Bradley-Terry logits the weight formula assumes."""
-
-    def check(self) -> None:
-        _positive(self, "madpo", "lam", "tau")
-        require(self.c_max > 1, "madpo.c_max", f"must be > 1, got {self.c_max}")
-        require(0 <= self.c_min < 1, "madpo.c_min", f"must be in [0, 1) (0 means 1/c_max), got {self.c_min}")
-        check_aggregator_name(self.margin_aggregator, "madpo.margin_aggregator")
-
-
-@dataclass(frozen=True)
-class DeepSpeedConfig:
-    """DeepSpeed engine settings for trained models."""
-
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO optimization stage."""
-    config: str = ""
-    """Optional DeepSpeed JSON whose entries are merged under the computed ones."""
-
-    def check(self) -> None:
-        """Every value its type allows is valid; the JSON file's existence is checked by validate()."""
-
-
-@dataclass(frozen=True)
-class WandbConfig:
-    """Weights & Biases tracking; the run directory stays the source of truth."""
-
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    """offline needs no login and writes under the run directory."""
-    project: str = "rlhf_overopt"
-    """W&B project."""
-    group: str = ""
-    """W&B group (a sweep sets it)."""
-    entity: str = ""
-    """W&B entity (team or user); empty for the default."""
-
-    def check(self) -> None:
-        """Every value its type allows is valid."""
-
-
-@dataclass(frozen=True)
-class ComponentsConfig:
-    """Component rewards (Moskovitz et al. 2023): one proxy ensemble per aspect of gold, each trained
-    with the proxy.* settings on preferences labelled by its own group of gold terms."""
-
-    names: list[str] = field(default_factory=lambda: ["sentiment", "fluency"])
-    """Component names, in order: the order of constraints, thresholds, weights and logged lists."""
-    terms: list[str] = field(default_factory=lambda: ["sentiment", "repetition+eos+length"])
-    """Per component, the '+'-joined testbed gold terms (sentiment, repetition, eos, length) whose sum labels its pairs."""
-    label_noise: float = 0.25
-    """Fraction of each component's preference labels flipped at random."""
-    pairs_per_prompt: int = 1
-    """Response pairs per train prompt: 1 relabels the testbed's pairs; more samples extra pairs from the initial policy."""
-    path: str = ""
-    """Folder of trained components (a saved ensemble per name) to load; empty means train (or reuse from cache)."""
-
-    def check(self) -> None:
-        n = len(self.names)
-        require(n >= 1, "components.names", "needs at least one component")
-        require(len(set(self.names)) == n and all(x and x.isidentifier() for x in self.names), "components.names",
-                f"must be distinct identifiers, got {self.names}")
-        require(len(self.terms) == n, "components.terms",
-                f"needs one entry per component ({n}), got {len(self.terms)}")
-        for i, group in enumerate(self.terms):
-            parts = group.split("+")
-            require(all(t in GOLD_TERMS for t in parts) and len(set(parts)) == len(parts), f"components.terms[{i}]",
-                    f"{group!r} must be '+'-joined distinct gold terms from {', '.join(GOLD_TERMS)}")
-        require(0 <= self.label_noise < 0.5, "components.label_noise", f"must be in [0, 0.5), got {self.label_noise}")
-        require(self.pairs_per_prompt >= 1, "components.pairs_per_prompt", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class ConstrainedConfig:
-    """Constrained RLHF with Lagrange multipliers: mu-PPO and xi-PPO (Moskovitz et al. 2023, §4)."""
-
-    constraint: Literal["inequality", "equality"] = "inequality"
-    """inequality: mu-PPO, v_i >= theta_i, sigmoid weights; equality: xi-PPO, v_i = theta_i, tanh weights."""
-    objective: str = "kl"
-    """Maximized subject to the constraints: 'kl' (minus the KL to the initial policy) or a component name (then unconstrained, with the ppo.kl_coef penalty)."""
-    thresholds: list[float] = field(default_factory=list)
-    """theta per constrained component (standardized proxy units); empty means read thresholds_file."""
-    thresholds_file: str = ""
-    """thresholds.json written by method proxy_points (or its run directory), used when thresholds is empty."""
-    multiplier_init: float = 0.0
-    """Initial raw multiplier mu of every constraint (sigmoid(0) = 0.5, tanh(0) = 0)."""
-    multiplier_lr: float = 0.05
-    """SGD learning rate of the multipliers (paper: 0.01 to 0.1)."""
-    multiplier_momentum: float = 0.1
-    """SGD momentum of the multipliers (paper: 0.1)."""
-    multiplier_grad_clip: float = 0.5
-    """Gradient-norm clip of each multiplier step (paper: 0.5)."""
-
-    def check(self) -> None:
-        _positive(self, "constrained", "multiplier_lr", "multiplier_grad_clip")
-        require(0 <= self.multiplier_momentum < 1, "constrained.multiplier_momentum", "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class NelderMeadConfig:
-    """NM-PPO: Nelder-Mead (scipy) over the thresholds within one run (Moskovitz et al. 2023, §4.3)."""
-
-    stretch_steps: int = 10
-    """PPO iterations per function evaluation; each ends with a gold evaluation whose negative is minimized."""
-    initial_step: float = 0.3
-    """Edge of the initial simplex around constrained.thresholds, in standardized proxy units."""
-    xatol: float = 0.01
-    """Stop when the simplex is this small in thresholds (paper: tol 0.01)."""
-    fatol: float = 0.01
-    """Stop when the simplex's gold values differ by less than this (paper: tol 0.01)."""
-
-    def check(self) -> None:
-        _positive(self, "nm", "initial_step", "xatol", "fatol")
-
-
-@dataclass(frozen=True)
-class DynamicWeightingConfig:
-    """Weights of the component rewards: fixed, or adapted during RL (Lu et al. 2025)."""
-
-    mode: Literal["fixed", "hypervolume", "gradient"] = "fixed"
-    """fixed; hypervolume: reward scaled by 0.5 + 1.5 tanh(HV gain) at each eval; gradient: w_j *= exp(eta I_j / mu)."""
-    weights: list[float] = field(default_factory=list)
-    """Initial (for fixed: constant) weight per component, normalized to sum 1; empty means uniform."""
-    hv_reference_offset: float = 1.0
-    """Hypervolume reference point: the step-0 eval component scores minus this, in every objective."""
-    gradient_eta: float = 0.0
-    """eta of the gradient-based update; 0 means ppo.lr (the paper uses the actor learning rate)."""
-    gradient_mu: float = 1e-4
-    """Temperature mu of the gradient-based update (paper: 1e-4 to 1e-5)."""
-    gradient_every: int = 1
-    """Update the weights every this many PPO iterations."""
-
-    def check(self) -> None:
-        _positive(self, "weighting", "gradient_mu", "hv_reference_offset")
-        require(self.gradient_eta >= 0, "weighting.gradient_eta", "must be >= 0 (0 means ppo.lr)")
-        require(self.gradient_every >= 1, "weighting.gradient_every", "must be >= 1")
-        # Their count against components.names, sign and sum are checked by validate(), in one message.
-        require(not self.weights or self.mode == "fixed" or all(x > 0 for x in self.weights), "weighting.weights",
-                "adaptive weighting needs every weight > 0 (a zero weight can never grow)")
-
-
-@dataclass(frozen=True)
-class ProxyPointsConfig:
-    """Proxy points: where gold peaks against each component's value (Moskovitz et al. 2023, §3)."""
-
-    runs: list[str] = field(default_factory=list)
-    """Run directories, one per component in components.names order, to read; empty means train one run per component (ppo.* settings, weight 1 on it)."""
-    min_points: int = 3
-    """Fewest evaluation points a component's run needs for the quadratic fit."""
-
-    def check(self) -> None:
-        require(self.min_points >= 3, "proxy_points.min_points", "a quadratic fit needs at least 3 points")

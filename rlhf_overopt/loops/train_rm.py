@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from rlhf_overopt.loops.common import RunContext
+from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, proxy_report
 
 log = logging.getLogger("rlhf_overopt")
