@@ -36,3 +36,16 @@ def tiny_testbed(tiny_testbed_config):
     from rlhf_overopt.testbed.build import build_testbed
 
     return build_testbed(tiny_testbed_config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def foreign_world(tmp_path_factory):
+    """A user's own world built from nothing (tests/foreign_world.py): a tiny GPT-NeoX policy
+    without a pad token, a Llama-architecture gold with another tokenizer, a Llama proxy backbone,
+    instruction/input prompts. Returns {"policy", "gold", "proxy_backbone", "prompts"} paths."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import foreign_world as fw
+
+    return fw.build(tmp_path_factory.mktemp("foreign_world"))
