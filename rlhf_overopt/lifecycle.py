@@ -51,6 +51,9 @@ class RunContext:
     testbed: Any = None  # rlhf_overopt.testbed.build.Testbed when the config uses the testbed
     driver_for: Callable[[str], Driver] | None = None
     started: float = field(default_factory=time.time)
+    resumed: bool = False
+    """A resumed run loaded its checkpoint: from here on it may write into its directory. Until then
+    a failing resume (a corrupt checkpoint, a model that no longer loads) leaves every byte as it was."""
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +97,10 @@ def resume_step(ctx: RunContext, checkpointer: Any, engines: dict[str, Any],
         return 0, None
     state = checkpointer.latest()
     start = 0 if state is None else checkpointer.load(state, engines)
+    ctx.resumed = True
     if ctx.dist.is_main:
         truncate_logs(ctx.run, start if state is not None else -1, extra_logs)
+        ctx.run.write_summary({"status": "running"})
     dist.barrier()
     if state is None:
         log.info("resume: no checkpoint yet, starting over")
@@ -135,7 +140,7 @@ def execute(cfg: Config, state: str, driver_for: Callable[[str], Driver], argv: 
     try:
         # 2. run directory and testbed
         if info.is_main:
-            run.init(cfg, argv)
+            run.init(cfg, argv, mark_running=state != "resume")
             log.info("run directory %s (%s), %d rank(s) on %s", run.root, state, info.world_size, info.device)
         if uses_testbed(cfg):
             ctx.testbed = _open_testbed(cfg, info)
@@ -183,6 +188,8 @@ def run_child(parent: RunContext, cfg: Config) -> Path:
 
 
 def _record_failure(ctx: RunContext, exc: BaseException) -> None:
+    if ctx.state == "resume" and not ctx.resumed:
+        return  # the run's files stay exactly as they were before this attempt
     if ctx.dist.is_main and ctx.run.root.exists():
         ctx.run.write_summary({
             "status": "failed",

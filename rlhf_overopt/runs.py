@@ -253,14 +253,16 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
-    def init(self, cfg: Config, argv: list[str] | None = None) -> None:
-        """Create the directory and write the resolved config with provenance (first start only)."""
+    def init(self, cfg: Config, argv: list[str] | None = None, mark_running: bool = True) -> None:
+        """Create the directory and write the resolved config with provenance (first start only);
+        `mark_running` sets summary.json's status (a resumed run does it once its checkpoint loaded)."""
         if not self.writable:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
             atomic_write_text(self.config_path, dump_yaml(cfg, provenance(argv)))
-        self.write_summary({"status": "running"})
+        if mark_running:
+            self.write_summary({"status": "running"})
 
     def log_curve(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Append evaluation points to curves.jsonl after checking the required keys and finiteness."""
