@@ -238,10 +238,10 @@ def dataset_card(stats: dict[str, Any], columns: dict[str, list], *, policy: str
     lines = [
         "# Gold-labelled preference pairs",
         "",
-        "Responses of the initial policy, paired and labelled by a gold reward with seeded label noise "
-        "(Gao et al. 2022 §2; Coste et al. 2023 §4). TRL's explicit-prompt format (`prompt`, `chosen`, "
-        "`rejected`) plus `gold_chosen`, `gold_rejected`, `flipped`, `chosen_ended`, `rejected_ended` and "
-        "`prompt_index` (the prompt's index in the train split). Load with `datasets.load_from_disk`.",
+        ("Responses of the initial policy, paired and labelled by a gold reward with seeded label noise "
+         "(Gao et al. 2022 §2; Coste et al. 2023 §4). TRL's explicit-prompt format (`prompt`, `chosen`, "
+         "`rejected`) plus `gold_chosen`, `gold_rejected`, `flipped`, `chosen_ended`, `rejected_ended` and "
+         "`prompt_index` (the prompt's index in the train split). Load with `datasets.load_from_disk`."),
         "",
         f"- policy: `{policy}`",
         f"- gold: `{gold}`",

@@ -121,8 +121,8 @@ def _cmd(out: Path, cache: Path, *args: str, launcher: list[str] | None = None) 
 
 
 def label(out: Path, cache: Path, *args: str, launcher: list[str] | None = None):
-    result = subprocess.run(_cmd(out, cache, *args, launcher=launcher), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run(_cmd(out, cache, *args, launcher=launcher), check=False, cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 

@@ -133,6 +133,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         out = write_dataset(ctx.run.root, columns, stats, card)
         log.info("%d pairs (%d ties dropped, %d flipped), clean agreement %.3f -> %s", stats["n_pairs"],
                  n_ties, stats["n_flipped"], stats["clean_agreement"], out)
-        summary = {**{k: v for k, v in stats.items() if k != "gold_quantiles"}, "dataset": str(out), "chunks_resumed": resumed_all,
+        summary = {**{k: v for k, v in stats.items() if k != "gold_quantiles"}, "dataset": str(out),
+                   "chunks_resumed": resumed_all,
                    "label_time_s": round(time.time() - t_start, 2)}
     return dist.broadcast_object(summary)
