@@ -304,6 +304,8 @@ class LabelConfig:
     """Prompts per generation batch."""
     chunk_prompts: int = 512
     """Prompts per resumable chunk: a killed run redoes at most one chunk per rank."""
+    card_rows: int = 5
+    """Example rows shown as a table in the dataset card (preferences/README.md)."""
 
     def check(self) -> None:
         require(self.responses_per_prompt >= 2, "label.responses_per_prompt",
@@ -312,6 +314,7 @@ class LabelConfig:
         require(self.noise < 0.5, "label.noise", f"must be below 0.5 (0.5 is coin-flip labels), got {self.noise}")
         require(self.max_prompts >= 0, "label.max_prompts", f"must be >= 0, got {self.max_prompts}")
         _positive(self, "label", "max_new_tokens", "temperature", "batch_size", "chunk_prompts")
+        require(self.card_rows >= 0, "label.card_rows", f"must be >= 0, got {self.card_rows}")
         require(0 < self.top_p <= 1, "label.top_p", f"must be in (0, 1], got {self.top_p}")
 
 

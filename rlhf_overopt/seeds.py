@@ -6,6 +6,9 @@ one does because each random draw comes from a generator determined by (seed, st
     eval_generator(...)               sampling at evaluation: the same draw at every evaluation
                                       (common random numbers), so steps differ by the policy alone
     pool_generator(...)               the best-of-n pool of this rank
+    label_generator(seed, chunk, ...) sampling of label_preferences chunk `chunk` (no rank: a chunk
+                                      is sampled alike whichever rank draws it)
+    label_flip_seed(seed)             the label-noise draw over all gathered pairs
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def eval_generator(seed: int, rank: int, device: torch.device) -> torch.Generato
 def pool_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """Sampling generator of this rank's best-of-n pool."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
+
+
+def label_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    """Sampling generator of label_preferences chunk `chunk` (a global index over the prompts).
+
+    Deliberately free of the rank: which rank samples a chunk depends on the rank count, and the
+    labelled dataset must not."""
+    return torch.Generator(device=device).manual_seed(
+        int(step_generator(seed, 104_729, chunk).initial_seed()))
+
+
+def label_flip_seed(seed: int) -> int:
+    """Seed of the label-noise flips, drawn once over the whole gathered set of pairs."""
+    return int(step_generator(seed, 104_729, -2).initial_seed())
 
 
 def prompt_draw(n_prompts: int, batch_size: int, seed: int, step: int, rank: int, local_batch: int) -> list[int]:

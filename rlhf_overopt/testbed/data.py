@@ -7,7 +7,8 @@ splits never share a prompt.
 
 Preferences follow Gao et al. 2022 §2 and Coste et al. 2023 §4: two responses of the initial
 policy per train prompt, the higher gold score wins, then a seeded `label_noise` fraction of the
-labels is flipped.
+labels is flipped. The pairing itself is `rlhf_overopt.labeling.pair_and_label`, shared with the
+label_preferences method; sampling here stays the testbed's own seeded HF generate.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_overopt.config import TestbedConfig
+from rlhf_overopt.labeling import pair_and_label
 from rlhf_overopt.progress import bar
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.gold import TestbedGold, response_length
@@ -198,28 +200,17 @@ def make_preferences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                                seed, progress, desc="preference samples")
     scores = gold.score(doubled, samples.responses, samples.ended).tolist()
 
-    rows: list[dict] = []
-    n_ties = 0
-    for i, (pid, prompt) in enumerate(zip(prompts["prompt_id"], texts)):
-        a, b = 2 * i, 2 * i + 1
-        if scores[a] == scores[b]:
-            n_ties += 1
-            continue
-        win, lose = (a, b) if scores[a] > scores[b] else (b, a)
-        rows.append({
-            "prompt_id": pid, "prompt": prompt,
-            "chosen": samples.responses[win], "rejected": samples.responses[lose],
-            "chosen_ended": samples.ended[win], "rejected_ended": samples.ended[lose],
-            "chosen_gold": scores[win], "rejected_gold": scores[lose], "label_flipped": False,
-            "chosen_ids": samples.response_ids[win], "rejected_ids": samples.response_ids[lose],
-        })
-
-    n_flip = round(cfg.label_noise * len(rows))
-    for i in random.Random(seed + 2).sample(range(len(rows)), n_flip):
-        r = rows[i]
-        for key in ("", "_ended", "_gold", "_ids"):
-            r["chosen" + key], r["rejected" + key] = r["rejected" + key], r["chosen" + key]
-        r["label_flipped"] = True
+    # Pairing, tie-dropping and the seeded flips are the label_preferences stage's own function,
+    # so the testbed and a run on your own world label pairs by one code path.
+    pairs, n_ties = pair_and_label(scores, responses_per_prompt=2, noise=cfg.label_noise, seed=seed + 2)
+    ids = list(prompts["prompt_id"])
+    rows: list[dict] = [{
+        "prompt_id": ids[p.prompt], "prompt": texts[p.prompt],
+        "chosen": samples.responses[p.chosen], "rejected": samples.responses[p.rejected],
+        "chosen_ended": samples.ended[p.chosen], "rejected_ended": samples.ended[p.rejected],
+        "chosen_gold": scores[p.chosen], "rejected_gold": scores[p.rejected], "label_flipped": p.flipped,
+        "chosen_ids": samples.response_ids[p.chosen], "rejected_ids": samples.response_ids[p.rejected],
+    } for p in pairs]
 
     columns = {c: [r[c] for r in rows] for c in PREF_COLUMNS}
     features = datasets.Features({
