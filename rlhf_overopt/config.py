@@ -491,6 +491,10 @@ def _validate_composite(cfg: Config, check_paths: bool) -> None:
             "components are labelled by the testbed gold's terms; with another gold, give trained components")
     require(cfg.ppo.no_eos_penalty == 0, "ppo.no_eos_penalty", "is not used by composite methods; leave it 0")
     require(not cfg.ppo.whiten_rewards, "ppo.whiten_rewards", "is not used by composite methods; leave it false")
+    # mu-/xi-PPO mix per-stream advantages that are always whitened (Moskovitz et al. 2023, §4);
+    # a switch that would do nothing is refused rather than ignored.
+    require(cfg.ppo.whiten_advantages or cfg.method not in ("constrained_ppo", "nm_ppo"), "ppo.whiten_advantages",
+            f"{cfg.method} always whitens each stream's advantages; leave it true")
 
     constrained = cfg.method in ("constrained_ppo", "nm_ppo")
     n_constraints = n - (con.objective != "kl")

@@ -422,3 +422,12 @@ def test_constrained_ppo_two_ranks_zero2(tiny_testbed, tmp_path):
     rows = read_jsonl(out / "curves.jsonl")
     assert [r["step"] for r in rows] == [0, 2] and rows[0]["n_eval"] == 16
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    # the multipliers stepped on the all-reduced constraint values, and the policy moved
+    assert rows[-1]["multiplier_params"] != rows[0]["multiplier_params"] and rows[-1]["kl"] > 0
+    # the same 2-rank run again gives the same curves: gathers and all-reduces are deterministic
+    again = tmp_path / "again"
+    train("constrained_ppo", f"output_dir={again}", "deepspeed.zero_stage=2", "ppo.steps=2",
+          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29672"])
+    timing = ("time_generate_s", "time_step_s")
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(again / "curves.jsonl")]
+            == [{k: v for k, v in r.items() if k not in timing} for r in rows])

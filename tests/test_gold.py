@@ -3,7 +3,6 @@ with a Hugging Face sequence-classification checkpoint."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -87,13 +86,16 @@ def test_components_sum_to_score_and_shapes(gold):
         gold.score(prompts, responses[:2], ended)
 
 
-def test_gold_is_fast(gold):
-    prompts = ["The acting was"] * 2000
-    responses = [f" very good, but the plot was dull and the ending took {i} minutes." for i in range(2000)]
-    start = time.perf_counter()
-    gold.score(prompts, responses, [True] * 2000)
-    # Thousands per second on one core; the bound is loose for busy shared machines.
-    assert time.perf_counter() - start < 5.0
+def test_gold_batch_equals_one_by_one(gold):
+    """The batched scorer (one pass over thousands of responses) equals scoring each alone; its
+    speed is measured by bench/, not asserted here."""
+    prompts = ["The acting was"] * 400
+    responses = [f" very good, but the plot was dull and the ending took {i} minutes." for i in range(400)]
+    ended = [i % 3 != 0 for i in range(400)]
+    batch = gold.score(prompts, responses, ended)
+    alone = torch.cat([gold.score([p], [r], [e]) for p, r, e in zip(prompts[:40], responses[:40], ended[:40])])
+    assert torch.equal(batch[:40], alone)
+    assert len(set(batch.tolist())) > 1  # not a constant
 
 
 def test_gold_scorer_testbed_path_is_the_testbed_gold(gold):

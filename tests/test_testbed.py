@@ -42,10 +42,14 @@ def test_corpus_is_seeded_and_shaped():
 # -- build, cache, determinism ---------------------------------------------------------------------
 
 
-def test_build_reuses_the_cache(tiny_testbed, tiny_testbed_config):
-    start = time.perf_counter()
+def test_build_reuses_the_cache(tiny_testbed, tiny_testbed_config, monkeypatch):
+    import rlhf_overopt.testbed.build as build_mod
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("a cached testbed was built again")
+
+    monkeypatch.setattr(build_mod, "_build_into", must_not_build)
     again = build_testbed(tiny_testbed_config, progress=False)
-    assert time.perf_counter() - start < 0.5
     assert again == tiny_testbed
     assert tiny_testbed.root == resolve_root(tiny_testbed_config)
     assert tiny_testbed.root.name == f"testbed-{config_hash(tiny_testbed_config)[:16]}"
