@@ -5,7 +5,8 @@ a local folder or hub name of a Hugging Face sequence-classification model (a re
 one output, or a two-class classifier whose positive-minus-negative logit is the score, as in the
 sentiment-classifier golds of Rafailov et al. 2023 and Rho 2025). Either way the input is the
 text `prompt + response`, with the gold tokenizer's EOS token text appended when the response
-ended, so a model gold can tell finished from cut-off responses too.
+ended, so a model gold can tell finished from cut-off responses too. A model gold runs in
+gold.dtype and returns float32 scores; `check_context` refuses one too short for a response.
 
     prompts, responses, ended  ─▶  GoldScorer.score  ─▶  gold_score (B,)
 """

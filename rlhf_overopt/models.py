@@ -9,7 +9,10 @@ Ziegler et al. 2019), optionally keeping only the first `n_layer` blocks.
 
 Inputs follow the left-padding contract of the whole framework: a pad token distinct from EOS,
 padding on the left, position ids that count real tokens only (`position_ids_from_mask`), so a
-padded row scores exactly like the same row without padding.
+padded row scores exactly like the same row without padding (Huang et al. 2024). A policy
+tokenizer without such a pad (Pythia, Llama) gets `<|pad|>` from `load_tokenizer`, and the models
+that read its ids grow a row for it (`fit_embeddings`); proxy/ensemble tokenizers are only
+checked (`check_tokenizer`), never modified here.
 """
 
 from __future__ import annotations

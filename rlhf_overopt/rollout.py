@@ -6,6 +6,8 @@ The PPO implementation details (Huang et al. 2024, "The N+ Implementation Detail
 - logits are divided by the sampling temperature in every log-prob pass (sampling, old log-probs,
   reference log-probs, the PPO update), otherwise the ratio at step 0 is not 1;
 - responses are truncated at the first EOS, everything after it is the pad token and masked.
+The sampler passes its KV cache under the name the installed transformers takes (`cache` in
+5.24, `past_key_values` before; `cache_argument`), so no deprecation fires on every token.
 Sources: Ziegler et al. 2019 (lm-human-preferences); Huang et al. 2024, "The N+ Implementation
 Details of RLHF with PPO".
 
