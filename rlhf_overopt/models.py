@@ -183,8 +183,10 @@ def _grow_rows_to_mean(embedding: nn.Module, old_rows: int) -> None:
 
 
 def fit_embeddings(model: nn.Module, tokenizer) -> bool:
-    """Grow the model's input (and untied output) embeddings to `len(tokenizer)` rows when they
-    have fewer; True if it did. A model with enough rows is left untouched (bit-identical).
+    """Grow the model's input (and untied output) embeddings by the one row of the pad token
+    `add_pad_token` appended; True if it did. A model with enough rows is left untouched
+    (bit-identical), and so is one short of other tokens: that is a mismatched vocabulary (a
+    tokenizer of another model), which `check_vocabulary` reports rather than hides.
 
     New rows are set to the mean of the existing ones, deterministically (no random draw): the
     policy, its reference and the value backbone, each resized on its own, must agree exactly,
@@ -193,6 +195,8 @@ def fit_embeddings(model: nn.Module, tokenizer) -> bool:
     embeddings = model.get_input_embeddings()
     old_rows, wanted = embeddings.num_embeddings, len(tokenizer)
     if wanted <= old_rows:
+        return False
+    if not (wanted == old_rows + 1 and tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id == old_rows):
         return False
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     untied = output is not None and output.weight is not embeddings.weight

@@ -303,3 +303,17 @@ def test_zero3_gathered_generation_and_partitioned_forward(tokenizer_dir):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert [line for line in result.stdout.splitlines() if line.startswith("ZERO3 OK")] == [
         f"ZERO3 OK {arch}" for arch in ARCHS]
+
+
+def test_a_mismatched_vocabulary_is_not_grown_away(world, tmp_path):
+    """Only the added pad's row is grown: a model short of other tokens keeps its size, and
+    check_vocabulary still names the mismatch."""
+    from rlhf_overopt.models import fit_embeddings
+
+    arch, root, tokenizer, _ = world
+    model = load_causal_lm(root)
+    model.resize_token_embeddings(64)
+    assert not fit_embeddings(model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == 64
+    with pytest.raises(ValueError, match="mismatched vocabulary"):
+        check_vocabulary(tokenizer, model)
