@@ -169,8 +169,8 @@ def add_pad_token(tokenizer, where: str = "") -> bool:
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if where not in _ANNOUNCED_PADS:
         _ANNOUNCED_PADS.add(where)
-        logger.info("%s: the tokenizer had %s; added pad token %s (id %d) and models reading it get their "
-                    "embeddings resized to %d rows", where or "tokenizer",
+        logger.info("%s: the tokenizer had %s; padding with %s (id %d) instead, and a model with fewer "
+                    "than %d embedding rows gets a row for it", where or "tokenizer",
                     "no pad token" if pad is None else "pad = EOS", PAD_TOKEN, tokenizer.pad_token_id,
                     len(tokenizer))
     return True
