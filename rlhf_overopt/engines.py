@@ -213,13 +213,20 @@ def local_parameter_count(module: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_policy_model(cfg, policy_path: str) -> nn.Module:
-    """The initial policy as configured (policy.dtype, policy.dropout_off, policy.trust_remote_code)."""
-    from rlhf_overopt.models import load_causal_lm
+def load_policy_model(cfg, policy_path: str, tokenizer=None) -> nn.Module:
+    """The initial policy as configured (policy.dtype, policy.dropout_off, policy.trust_remote_code),
+    its embeddings grown to the policy tokenizer's size when `load_tokenizer` added a pad token.
+
+    Without `tokenizer` the policy's own is loaded from `policy_path` (as the drivers load it:
+    the same pad is added, so the sizes agree).
+    """
+    from rlhf_overopt.models import load_causal_lm, load_tokenizer
 
     p = cfg.policy
+    if tokenizer is None:
+        tokenizer = load_tokenizer(policy_path, trust_remote_code=p.trust_remote_code)
     return load_causal_lm(policy_path, dtype=getattr(torch, p.dtype), trust_remote_code=p.trust_remote_code,
-                          dropout_off=p.dropout_off)
+                          dropout_off=p.dropout_off, tokenizer=tokenizer)
 
 
 @dataclasses.dataclass
@@ -253,7 +260,8 @@ def build_actors(cfg, tokenizer, policy_path: str, *, micro_batch: int, world_si
     and the frozen reference, at deepspeed.zero_stage.
 
     The global RNG is seeded with cfg.seed before the value heads are drawn, so their
-    initialization is the same on every rank.
+    initialization is the same on every rank. Policy, reference and value backbone are all grown
+    to `len(tokenizer)` rows when the tokenizer got a pad token (`models.fit_embeddings`).
     """
     from rlhf_overopt.models import check_vocabulary
     from rlhf_overopt.values import ValueModel
@@ -262,15 +270,16 @@ def build_actors(cfg, tokenizer, policy_path: str, *, micro_batch: int, world_si
     engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=micro_batch, world_size=world_size,
                            max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)
     torch.manual_seed(cfg.seed)
-    policy_model = load_policy_model(cfg, policy_path)
+    policy_model = load_policy_model(cfg, policy_path, tokenizer)
     check_vocabulary(tokenizer, policy_model)
     policy_engine = train_engine(policy_model, lr=p.lr, total_steps=total_updates, final_ratio=p.lr_final_ratio,
                                  config=engine_cfg)
     value_engine = None
     if value_path is not None:
-        value_engine = train_engine(ValueModel.from_pretrained_backbone(value_path, value_heads), lr=p.value_lr,
+        value_engine = train_engine(ValueModel.from_pretrained_backbone(value_path, value_heads, tokenizer=tokenizer),
+                                    lr=p.value_lr,
                                     total_steps=total_updates, final_ratio=p.lr_final_ratio, config=engine_cfg)
-    reference = frozen_model(load_policy_model(cfg, policy_path), zero_stage=stage, config=engine_cfg, device=device)
+    reference = frozen_model(load_policy_model(cfg, policy_path, tokenizer), zero_stage=stage, config=engine_cfg, device=device)
     return Actors(policy_engine, value_engine, reference)
 
 

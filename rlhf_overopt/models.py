@@ -9,7 +9,10 @@ Ziegler et al. 2019), optionally keeping only the first `n_layer` blocks.
 
 Inputs follow the left-padding contract of the whole framework: a pad token distinct from EOS,
 padding on the left, position ids that count real tokens only (`position_ids_from_mask`), so a
-padded row scores exactly like the same row without padding.
+padded row scores exactly like the same row without padding (Huang et al. 2024). A policy
+tokenizer without such a pad (Pythia, Llama) gets `<|pad|>` from `load_tokenizer`, and the models
+that read its ids grow a row for it (`fit_embeddings`); proxy/ensemble tokenizers are only
+checked (`check_tokenizer`), never modified here.
 """
 
 from __future__ import annotations
@@ -122,12 +125,15 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     dropout_off: bool = True,
+    tokenizer=None,
 ) -> nn.Module:
     """Load a causal LM (local folder or hub name) in eval mode.
 
     Weights are read from safetensors files when the checkpoint has them (transformers'
     default preference); dtype float32 is the right choice on CPU (bf16 matmuls measured ~100x slower there).
-    With `dropout_off`, every dropout probability is set to 0 (see `set_dropout_zero`).
+    With `dropout_off`, every dropout probability is set to 0 (see `set_dropout_zero`). With a
+    `tokenizer` (e.g. one `load_tokenizer` gave a pad token), embeddings with fewer rows than
+    the tokenizer has tokens are grown to fit (`fit_embeddings`); otherwise nothing changes.
     """
     from transformers import AutoModelForCausalLM
 
@@ -136,9 +142,78 @@ def load_causal_lm(
             str(path), dtype=dtype, trust_remote_code=trust_remote_code
         )
     model.eval()
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if dropout_off:
         set_dropout_zero(model)
     return model
+
+
+PAD_TOKEN = "<|pad|>"
+"""The pad token `load_tokenizer` adds to a tokenizer without one distinct from EOS."""
+
+_ANNOUNCED_PADS: set[str] = set()
+
+
+def add_pad_token(tokenizer, where: str = "") -> bool:
+    """Give a tokenizer whose pad is missing or equal to EOS the pad token `<|pad|>`; True if it did.
+
+    Pythia and Llama tokenizers ship without a pad (or with pad = EOS); the left-padding contract
+    needs a pad distinct from EOS (Huang et al. 2024, "The N+ Implementation Details of RLHF with
+    PPO"), so one is added and the models reading this tokenizer's ids get a row for it
+    (`fit_embeddings`). Said once per `where` in the log, however often the tokenizer is loaded.
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if eos is None or (pad is not None and pad != eos):
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if where not in _ANNOUNCED_PADS:
+        _ANNOUNCED_PADS.add(where)
+        logger.info("%s: the tokenizer had %s; padding with %s (id %d) instead, and a model with fewer "
+                    "than %d embedding rows gets a row for it", where or "tokenizer",
+                    "no pad token" if pad is None else "pad = EOS", PAD_TOKEN, tokenizer.pad_token_id,
+                    len(tokenizer))
+    return True
+
+
+def _grow_rows_to_mean(embedding: nn.Module, old_rows: int) -> None:
+    with torch.no_grad():
+        weight = embedding.weight
+        weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
+
+
+def fit_embeddings(model: nn.Module, tokenizer) -> bool:
+    """Grow the model's input (and untied output) embeddings by the one row of the pad token
+    `add_pad_token` appended; True if it did. A model with enough rows is left untouched
+    (bit-identical), and so is one short of other tokens: that is a mismatched vocabulary (a
+    tokenizer of another model), which `check_vocabulary` reports rather than hides.
+
+    New rows are set to the mean of the existing ones, deterministically (no random draw): the
+    policy, its reference and the value backbone, each resized on its own, must agree exactly,
+    or the KL would not start at 0.
+    """
+    embeddings = model.get_input_embeddings()
+    old_rows, wanted = embeddings.num_embeddings, len(tokenizer)
+    if wanted <= old_rows:
+        return False
+    if not (wanted == old_rows + 1 and tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id == old_rows):
+        return False
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    untied = output is not None and output.weight is not embeddings.weight
+    output_rows = output.weight.shape[0] if output is not None else None
+    # transformers draws the new rows from the global RNG before we overwrite them; keep the
+    # draw from shifting everything seeded after loading (e.g. the value heads).
+    with torch.random.fork_rng(devices=[]):
+        model.resize_token_embeddings(wanted, mean_resizing=False)
+    _grow_rows_to_mean(model.get_input_embeddings(), old_rows)
+    if untied and output_rows == old_rows:
+        out = model.get_output_embeddings()
+        _grow_rows_to_mean(out, old_rows)
+        if getattr(out, "bias", None) is not None:
+            with torch.no_grad():
+                out.bias[old_rows:] = out.bias[:old_rows].float().mean().to(out.bias.dtype)
+    logger.debug("resized %s embeddings from %d to %d rows", type(model).__name__, old_rows, wanted)
+    return True
 
 
 def check_tokenizer(tokenizer) -> None:
@@ -164,9 +239,12 @@ def check_vocabulary(tokenizer, model: nn.Module, what: str = "policy.path") -> 
                          f"{rows} rows (mismatched vocabulary)")
 
 
-def load_tokenizer(path: PathLike, trust_remote_code: bool = False):
-    """Load a tokenizer, check pad != EOS (ValueError otherwise), pad and truncate on the left.
+def load_tokenizer(path: PathLike, trust_remote_code: bool = False, *, add_pad: bool = True):
+    """Load a tokenizer, pad and truncate on the left; returns it.
 
+    With `add_pad` (the policy's tokenizer) a missing pad, or a pad equal to EOS, becomes the
+    added `<|pad|>` (`add_pad_token`, logged once); without it such a tokenizer is refused
+    (`check_tokenizer`, ValueError) — for tokenizers whose models must not be modified.
     Left truncation keeps the end of a text: the end of a response (and whether it emitted EOS)
     is what a last-token reward model reads.
     """
@@ -174,6 +252,8 @@ def load_tokenizer(path: PathLike, trust_remote_code: bool = False):
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if add_pad:
+        add_pad_token(tokenizer, str(path))
     check_tokenizer(tokenizer)
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"

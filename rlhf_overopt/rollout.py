@@ -6,6 +6,8 @@ The PPO implementation details (Huang et al. 2024, "The N+ Implementation Detail
 - logits are divided by the sampling temperature in every log-prob pass (sampling, old log-probs,
   reference log-probs, the PPO update), otherwise the ratio at step 0 is not 1;
 - responses are truncated at the first EOS, everything after it is the pad token and masked.
+The sampler passes its KV cache under the name the installed transformers takes (`cache` in
+5.24, `past_key_values` before; `cache_argument`), so no deprecation fires on every token.
 Sources: Ziegler et al. 2019 (lm-human-preferences); Huang et al. 2024, "The N+ Implementation
 Details of RLHF with PPO".
 
@@ -14,6 +16,7 @@ Shapes: B batch, Tq query width, Tr response width, V vocabulary, d hidden size.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +44,35 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: "cache" (newer 5.x releases; 5.24 has
+    it), or "past_key_values" (5.0 and models whose forward does not name "cache").
+
+    transformers 5.24 still accepts `past_key_values` but logs a deprecation on every call and
+    drops it in 5.40, so the name is read from the forward signature, once per model class (a
+    PeftModel is looked through to the model it wraps).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base)
+    if kind not in _CACHE_ARGUMENT:
+        parameters = inspect.signature(base.forward).parameters
+        _CACHE_ARGUMENT[kind] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_ARGUMENT[kind]
+
+
+def returned_cache(out):
+    """The KV cache a forward with use_cache=True returned, under either name.
+
+    Read through the output's keys, never its `past_key_values` attribute: in 5.24 that attribute
+    is a compatibility property that logs the deprecation too.
+    """
+    keys = out.keys()
+    return out["cache"] if "cache" in keys else out["past_key_values"]
 
 
 def tokenize_prompts(
@@ -118,7 +150,8 @@ def _generate_batch(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    cache = returned_cache(out)
+    cache_kwarg = cache_argument(model)
     next_logits = out.logits[:, -1, :]
     # Position of response token 0: the number of real query tokens.
     first_position = query_mask.sum(dim=-1)
@@ -145,10 +178,10 @@ def _generate_batch(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention_mask,
             position_ids=(first_position + t).unsqueeze(-1),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_kwarg: cache},
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         next_logits = out.logits[:, -1, :]
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
@@ -167,7 +200,7 @@ def generate(
 ) -> Rollout:
     """Sample one response per prompt and return it with its sampling log-probs.
 
-    Our own loop over `model(...)` with `past_key_values` (not `model.generate`): it reads the
+    Our own loop over `model(...)` with the KV cache (not `model.generate`): it reads the
     log-prob of each sampled token from the logits it was sampled from, and with a seeded
     `generator` (on the model's device) the result is reproducible for a given `batch_size`.
     Queries are left-padded with position ids from the attention mask; logits are divided by

@@ -51,12 +51,20 @@ class ValueModel(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype))
 
     @classmethod
-    def from_pretrained_backbone(cls, path: str | os.PathLike, n_heads: int = 1, **kwargs) -> ValueModel:
+    def from_pretrained_backbone(cls, path: str | os.PathLike, n_heads: int = 1, *, tokenizer=None,
+                                 **kwargs) -> ValueModel:
         """Backbone of any saved transformers model (causal LM, reward model) + fresh heads.
-        kwargs go to `AutoModel.from_pretrained` (e.g. dtype)."""
+        With `tokenizer`, a backbone embedding with fewer rows than it has tokens is grown to fit
+        (the policy's added pad token; `models.fit_embeddings`). kwargs go to
+        `AutoModel.from_pretrained` (e.g. dtype)."""
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(path, **kwargs), n_heads)
+        from rlhf_overopt.models import fit_embeddings
+
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        if tokenizer is not None:
+            fit_embeddings(backbone, tokenizer)
+        return cls(backbone, n_heads)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Backbone via `save_pretrained`, heads as `value_head.safetensors` in the same folder."""

@@ -152,3 +152,61 @@ def test_gold_scorer_with_a_model_checkpoint(model_gold_dir):
 
 def test_testbed_gold_defaults_follow_the_config():
     assert TestbedGold() == TestbedGold.from_config(TestbedConfig())
+
+
+# ------------------------------------------------------------------ a Llama gold without a pad token
+
+
+def test_llama_gold_without_pad_reads_the_eos_and_ignores_padding(foreign_world):
+    """The foreign world's gold (Llama architecture, tokenizer with EOS and no pad): an added pad
+    distinct from EOS makes the appended EOS a real token that the head reads, and right padding
+    in a batch leaves each row's score as it is alone."""
+    scorer = GoldScorer.from_pretrained(foreign_world["gold"], batch_size=8)
+    tok = scorer.tokenizer
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert scorer.model.config.pad_token_id == tok.pad_token_id
+    prompts = ["write a short review of the movie", "the film", "explain why the plot was", "fun"]
+    responses = [" it was good", " was bad not very fun but the ending was great", " boring", " story"]
+    ended = [True, False, True, True]
+    batched = scorer.score(prompts, responses, ended)
+    alone = torch.cat([scorer.score([p], [r], [e]) for p, r, e in zip(prompts, responses, ended)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    cut = scorer.score(prompts, responses, [False] * 4)
+    for i, e in enumerate(ended):  # without the EOS the ended rows score differently; row 1 did not end
+        assert (float(cut[i]) != pytest.approx(float(batched[i]), abs=1e-6)) == e, (i, cut, batched)
+    # The raw checkpoint agrees on an unpadded text that ends with EOS.
+    from transformers import AutoModelForSequenceClassification
+
+    raw = AutoModelForSequenceClassification.from_pretrained(str(foreign_world["gold"])).eval()
+    ids = tok(scorer.texts(prompts[:1], responses[:1], [True]), return_tensors="pt")["input_ids"]
+    assert int(ids[0, -1]) == tok.eos_token_id
+    with torch.no_grad():
+        expected = raw(input_ids=ids).logits[0, 0]
+    assert float(batched[0]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_model_gold_dtype_and_float32_scores(foreign_world):
+    cfg = load_config(None, [f"gold.path={foreign_world['gold']}", "gold.dtype=bfloat16", "device=cpu"])
+    scorer = GoldScorer.from_config(cfg)
+    assert next(scorer.model.parameters()).dtype == torch.bfloat16
+    score = scorer.score(["the film"], [" was good"], [True])
+    assert score.dtype == torch.float32 and score.device.type == "cpu"
+
+
+def test_gold_context_too_short_for_responses_is_refused(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from rlhf_overopt.errors import InputError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import foreign_world as fw
+
+    path = fw.llama_model(tmp_path / "short_gold", kind="classifier", max_positions=8)
+    scorer = GoldScorer.from_pretrained(path)
+    assert scorer.context_limit() == 8
+    with pytest.raises(InputError, match=r"short_gold.*8 tokens.*16 new tokens"):
+        scorer.check_context(prompt_tokens_max=10, max_new_tokens=16)
+    scorer.check_context(prompt_tokens_max=2, max_new_tokens=7)  # fits: prompt 2 (cut) + 7 + EOS
+    testbed = GoldScorer.from_config(load_config(None, []))
+    testbed.check_context(prompt_tokens_max=10**6, max_new_tokens=10**6)  # the rule-based gold has no context

@@ -99,11 +99,18 @@ def test_load_tokenizer_sets_left_padding(world):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_tokenizer_without_pad_raises(tmp_path):
+def test_tokenizer_without_pad_raises_unless_one_may_be_added(tmp_path):
     no_pad = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(), eos_token="<|endoftext|>")
     no_pad.save_pretrained(str(tmp_path / "no_pad"))
     with pytest.raises(ValueError, match="pad token distinct from EOS"):
-        load_tokenizer(tmp_path / "no_pad")
+        load_tokenizer(tmp_path / "no_pad", add_pad=False)
+    # The policy path adds <|pad|> (here already in the vocabulary, so no new id).
+    padded = load_tokenizer(tmp_path / "no_pad")
+    assert padded.pad_token == "<|pad|>" and len(padded) == len(no_pad)
+    no_pad.pad_token = no_pad.eos_token
+    no_pad.save_pretrained(str(tmp_path / "pad_is_eos"))
+    padded = load_tokenizer(tmp_path / "pad_is_eos")
+    assert padded.pad_token_id != padded.eos_token_id
     pad_is_eos = PreTrainedTokenizerFast(
         tokenizer_object=_train_bpe(), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
