@@ -19,6 +19,7 @@ the key, the source and, for a bad row, the split and row index.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import string
@@ -173,6 +174,8 @@ def _open_splits(name: str) -> dict[str, Any]:
         try:
             data = load_from_disk(str(p))
         except Exception as exc:  # noqa: BLE001 — datasets raises assorted errors (even IndexError for 0 shards)
+            if _no_shards(p):
+                raise InputError(f"data.prompts: {p}: holds no rows (a saved dataset of 0 shards)") from None
             raise InputError(f"data.prompts: {p} cannot be read as a saved dataset "
                              f"({type(exc).__name__}: {_first_line(exc)})") from None
         if isinstance(data, DatasetDict):
@@ -182,6 +185,14 @@ def _open_splits(name: str) -> dict[str, Any]:
     if not p.is_file():
         raise InputError(f"data.prompts: {p}: no such file or folder")
     return {"train": _read_file(p)}
+
+
+def _no_shards(p: Path) -> bool:
+    """A saved Dataset of no rows: datasets writes it with 0 shards, and cannot read it back."""
+    try:
+        return json.loads((p / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError):
+        return False
 
 
 def _read_file(p: Path):
