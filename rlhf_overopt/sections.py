@@ -255,10 +255,11 @@ class DataConfig:
     """'testbed', a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or a hub name
     (loaded with datasets.load_dataset; needs a network, never used by default)."""
     prompt_column: str = "prompt"
-    """Column holding the prompt (a string, or a list of chat messages with data.chat_template)."""
+    """Column holding the prompt (a string, or a list of chat messages with data.chat_template); unused with a template."""
     prompt_template: str = ""
     """Python format string over the row's columns, e.g. "{instruction}\n\n{input}" (AlpacaFarm); a
-    paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input."""
+    paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input (blank lines:
+    a double-quoted YAML string's escapes, or real newlines on a command line, e.g. bash $'...')."""
     chat_template: bool = False
     """Apply the policy tokenizer's chat template (add_generation_prompt=True) to each prompt."""
     train_split: str = "train"
