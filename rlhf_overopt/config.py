@@ -453,6 +453,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     require(not method.evaluates or cfg.data.prompts != "testbed" or cfg.eval.n_prompts <= tb.n_eval_prompts,
             "eval.n_prompts",
             f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
+    if "data" in method.sections and cfg.data.prompts != "testbed":
+        from rlhf_overopt.data import validate_prompt_config
+
+        validate_prompt_config(cfg, method.evaluates, check_paths)
 
     # Ensemble members exist only up to proxy.k (the sections checked the names themselves).
     _check_member(cfg.aggregate.name, cfg.proxy.k, "aggregate.name")

@@ -255,10 +255,11 @@ class DataConfig:
     """'testbed', a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or a hub name
     (loaded with datasets.load_dataset; needs a network, never used by default)."""
     prompt_column: str = "prompt"
-    """Column holding the prompt (a string, or a list of chat messages with data.chat_template)."""
+    """Column holding the prompt (a string, or a list of chat messages with data.chat_template); unused with a template."""
     prompt_template: str = ""
     """Python format string over the row's columns, e.g. "{instruction}\n\n{input}" (AlpacaFarm); a
-    paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input."""
+    paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input (blank lines:
+    a double-quoted YAML string's escapes, or real newlines on a command line, e.g. bash $'...')."""
     chat_template: bool = False
     """Apply the policy tokenizer's chat template (add_generation_prompt=True) to each prompt."""
     train_split: str = "train"
@@ -270,8 +271,20 @@ class DataConfig:
 
     def check(self) -> None:
         require(bool(self.prompts), "data.prompts", "must name 'testbed' or a dataset")
-        require(bool(self.prompt_column), "data.prompt_column", "must not be empty")
+        require(bool(self.prompt_column) or bool(self.prompt_template), "data.prompt_column",
+                "must not be empty (or give data.prompt_template)")
         require(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+        require(bool(self.train_split), "data.train_split", "must not be empty")
+        require(not (self.eval_split and self.eval_size), "data.eval_size",
+                f"give data.eval_split ({self.eval_split!r}) or data.eval_size, not both")
+        require(self.eval_split != self.train_split, "data.eval_split",
+                f"is the train split ({self.train_split!r}); eval prompts must be held out (or set data.eval_size)")
+        if self.prompts == "testbed":
+            # the testbed's prompts are plain strings in fixed splits: these keys would be silently ignored
+            for key, default in (("prompt_column", "prompt"), ("prompt_template", ""), ("train_split", "train"),
+                                 ("eval_split", ""), ("eval_size", 0)):
+                require(getattr(self, key) == default, f"data.{key}",
+                        "applies to a dataset, and data.prompts is 'testbed'")
         if self.prompt_template:
             import string
 

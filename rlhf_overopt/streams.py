@@ -136,7 +136,7 @@ class CompositeModels:
 
 
 def build_composite(cfg, testbed, info, run, plan) -> CompositeModels:
-    """Stage 0 of the composite drivers: tokenizer, component proxies, gold, prompts, the policy and
+    """Stage 0 of the composite drivers: tokenizer, prompts, component proxies, gold, the policy and
     S-head value engines, the frozen reference."""
     import logging
 
@@ -149,9 +149,11 @@ def build_composite(cfg, testbed, info, run, plan) -> CompositeModels:
     ensure_process_group(info.device)
     path = policy_path(cfg, testbed)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.policy.trust_remote_code)
+    # prompts before components (which may need training): bad prompt data fails in seconds
+    train_prompts, eval_share = load_prompts(cfg, testbed, info.world_size, info.rank, min_train=plan.local_batch,
+                                             tokenizer=tokenizer)
     components = ensure_components(cfg, testbed, info, run)
     gold = GoldScorer.from_config(cfg, testbed)
-    train_prompts, eval_share = load_prompts(cfg, testbed, info.world_size, info.rank, min_train=plan.local_batch)
     actors = build_actors(cfg, tokenizer, path, micro_batch=plan.micro_batch, world_size=info.world_size,
                           total_updates=plan.total_updates, value_path=value_init_path(cfg, components, path),
                           value_heads=components.n + 1, device=info.device)

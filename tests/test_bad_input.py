@@ -240,3 +240,16 @@ def test_bad_preference_data(case, filename, content, expected, tiny_testbed, ex
     assert "dpo.dataset" in result.stderr
     assert not (out / "curves.jsonl").exists()
     assert tree_digest(existing_run) == before
+
+
+@pytest.mark.slow
+def test_missing_prompt_column_stops_before_proxies(tiny_testbed, tmp_path):
+    """Prompts from a dataset are read and checked before any proxy is trained: a prompt column
+    that does not exist is one line naming it and the columns there are."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"The film number {i} was"}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    result = run_cli(TINY_PPO, f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}",
+                     f"data.prompts={prompts}", "data.prompt_column=nope", "data.eval_size=8", "eval.n_prompts=8")
+    assert_clean_failure(result, out, "no column 'nope' (data.prompt_column); columns: text")
+    assert not (out / "proxies.json").exists() and "proxies" not in result.stderr  # no proxy was loaded or trained

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
+from rlhf_overopt import seeds
+from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import load_policy_model
 from rlhf_overopt.evaluate import check_finite
@@ -55,10 +56,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
         log.info("reusing the scored pool in %s (%d samples)", pool_dir, len(pool))
     else:
         # 1. prompts: this rank's share of the eval prompts
-        prompts = list(ctx.testbed.load_prompts()["eval"]["prompt"])[: cfg.eval.n_prompts]
-        share = list(dist.shard_indices(len(prompts), info.rank, info.world_size))
         policy_path = initial_policy_path(cfg, ctx.testbed)
         tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
+        _, mine = load_prompts(cfg, ctx.testbed, info.world_size, info.rank, min_train=0, tokenizer=tokenizer)
+        # the pool's prompt_index is global: this rank's share starts at rank * len(mine)
+        share = [info.rank * len(mine) + i for i in range(len(mine))]
+        prompts = dict(zip(share, mine))
         policy = load_policy_model(cfg, policy_path).to(info.device)
         check_vocabulary(tokenizer, policy)
         # 2. pool: N samples per prompt, prompt-major

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from rlhf_overopt import dist, seeds
 from rlhf_overopt.aggregate import aggregator
 from rlhf_overopt.checkpoints import Checkpointer
+from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import (
     ds_config,
@@ -163,14 +164,15 @@ def run(ctx: RunContext) -> dict[str, Any]:
         raise InputError(f"the preference dataset has {n_pairs} pairs, fewer than one batch ({d.batch_size})")
     steps_per_epoch, total_steps, eval_steps = preference_schedule(n_pairs, d.batch_size, d.epochs, d.evals_per_epoch)
     data_info.update(n_truncated=pairs.n_truncated, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    if ctx.testbed is not None:
-        eval_prompts = list(ctx.testbed.load_prompts()["eval"]["prompt"])[: cfg.eval.n_prompts]
+    if cfg.data.prompts != "testbed" or ctx.testbed is not None:
+        # data.prompts' eval prompts (the testbed's eval split by default)
+        _, eval_share = load_prompts(cfg, ctx.testbed, world, rank, min_train=0, tokenizer=tokenizer)
     else:
         # no held-out prompt split without the testbed: evaluate on the dataset's first distinct prompts
         eval_prompts = list(dict.fromkeys(columns["prompt"]))[: cfg.eval.n_prompts]
-    if len(eval_prompts) % world:
-        raise InputError(f"{len(eval_prompts)} eval prompts cannot be split evenly over {world} ranks")
-    eval_share = [eval_prompts[i] for i in dist.shard_indices(len(eval_prompts), rank, world)]
+        if len(eval_prompts) % world:
+            raise InputError(f"{len(eval_prompts)} eval prompts cannot be split evenly over {world} ranks")
+        eval_share = [eval_prompts[i] for i in dist.shard_indices(len(eval_prompts), rank, world)]
     timings["data_s"] = time.time() - t
     log.info("%d preference pairs (%s), %d steps (%d per epoch), evaluations at steps %s", n_pairs,
              data_info.get("quality", data_info["source"]), total_steps, steps_per_epoch, eval_steps)

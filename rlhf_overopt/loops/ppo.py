@@ -52,14 +52,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     rank, stage = info.rank, cfg.deepspeed.zero_stage
     plan = make_plan(cfg, info.world_size)
 
-    # 0. models: tokenizer, proxies, gold, prompts, policy + value engines, frozen reference
+    # 0. models: tokenizer, prompts, proxies, gold, policy + value engines, frozen reference
     path = policy_path(cfg, ctx.testbed)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.policy.trust_remote_code)
+    # prompts before proxies (which may need training): bad prompt data fails in seconds
+    train_prompts, eval_share = load_prompts(cfg, ctx.testbed, info.world_size, rank, min_train=plan.local_batch,
+                                             tokenizer=tokenizer)
     ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     agg = cfg.aggregate
     objective = aggregator(agg.name, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k, variance=agg.variance, k=ensemble.k)
     gold = GoldScorer.from_config(cfg, ctx.testbed)
-    train_prompts, eval_share = load_prompts(cfg, ctx.testbed, info.world_size, rank, min_train=plan.local_batch)
     value_path = path if p.value_init == "policy" else str(first_member_backbone(ensemble_dir(cfg, ctx.testbed)))
     actors = build_actors(cfg, tokenizer, path, micro_batch=plan.micro_batch, world_size=info.world_size,
                           total_updates=plan.total_updates, value_path=value_path, device=info.device)
