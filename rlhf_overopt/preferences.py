@@ -32,6 +32,7 @@ expects.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import random
@@ -95,6 +96,8 @@ def read_preference_source(source: str | Path, split: str = "train") -> tuple[An
         try:
             data = load_from_disk(str(p))
         except Exception as exc:  # datasets raises assorted errors (even IndexError for 0 shards)
+            if _saved_without_rows(p):
+                raise PreferenceDataError(f"{p}: holds no rows") from None
             raise PreferenceDataError(f"{p}: cannot be read as a saved dataset ({type(exc).__name__}: {exc})") from None
         if isinstance(data, DatasetDict):
             if split not in data:
@@ -130,6 +133,16 @@ def read_preference_source(source: str | Path, split: str = "train") -> tuple[An
         raise PreferenceDataError(f"{text}: has splits {sorted(loaded)}, no {split!r} split")
     data = loaded[split]
     return data, {"dataset": text, "fingerprint": data._fingerprint}
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """A save_to_disk folder of an empty dataset: its state lists no data files (datasets then
+    fails to read it back)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return state.get("_data_files") == []
 
 
 def _first_line(exc: BaseException) -> str:

@@ -59,13 +59,17 @@ def proxy_key_settings(cfg: Config) -> dict[str, Any]:
     """The proxy settings that determine trained weights, as they enter a cache key.
 
     Settings that only steer scoring are left out, and so is `train_pairs` at 0 ("all pairs"):
-    caches written before the option existed keep their keys.
+    caches written before the option existed keep their keys. `dtype` stays at "float32": members
+    train in float32 whatever proxy.dtype (it is applied on load), so every dtype shares one
+    cache, under the key it had when the field came in. `dataset` is the setting as written; its
+    contents enter the key in proxy_cache_dir.
     """
     settings = to_dict(cfg.proxy)
     for key in ("path", "score_batch_size", "on_failed_member", "train_workers"):
         settings.pop(key, None)
     if settings.get("train_pairs") == 0:
         settings.pop("train_pairs")
+    settings["dtype"] = "float32"
     return settings
 
 

@@ -305,9 +305,28 @@ def _lora_config(cfg: ProxyConfig, base: nn.Module):
 
 
 def _member_model(path: str, tokenizer_len: int, pad: int, seed: int, cfg: ProxyConfig) -> nn.Module:
-    """One sequence-classification member from `path`, its embeddings fit to the tokenizer."""
-    model = reward_model_from_pretrained(path, pad_token_id=pad, seed=seed, n_layer=cfg.n_layer)
-    return fit_embeddings(model, tokenizer_len)
+    """One sequence-classification member from `path`, its embeddings fit to the tokenizer.
+
+    A pad added beyond the checkpoint's rows cannot be the embedding's padding_idx while the model
+    is built (torch refuses it), so the model is built without one and told its pad once resized;
+    the transformers classes read config.pad_token_id at each forward.
+    """
+    model = reward_model_from_pretrained(path, pad_token_id=pad if pad < _config_rows(path) else None,
+                                         seed=seed, n_layer=cfg.n_layer)
+    fit_embeddings(model, tokenizer_len)
+    model.config.pad_token_id = pad
+    return model
+
+
+def _config_rows(path: str) -> int:
+    """The checkpoint's vocabulary size (its embedding rows); a large number when unstated."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(path))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(config, "vocab_size", None)
+    return rows if isinstance(rows, int) else 2**62
 
 
 def member_workers(requested: int, k: int, device: torch.device | str) -> int:
