@@ -240,3 +240,18 @@ def test_bad_preference_data(case, filename, content, expected, tiny_testbed, ex
     assert "dpo.dataset" in result.stderr
     assert not (out / "curves.jsonl").exists()
     assert tree_digest(existing_run) == before
+
+
+@pytest.mark.slow
+def test_proxy_dataset_in_neither_format(tiny_testbed, tmp_path):
+    """proxy.dataset with neither TRL preference format stops train_rm before any training, with
+    one line naming the columns it has and the formats accepted."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"text": "The film was great.", "label": 1}\n')
+    out = tmp_path / "run"
+    result = run_cli(ROOT / "configs" / "tiny" / "train_rm.yaml", f"output_dir={out}",
+                     f"testbed.cache_dir={tiny_testbed.root.parent}", f"proxy.dataset={data}")
+    assert_clean_failure(result, out, "proxy.dataset: ")
+    error = next(line for line in result.stderr.splitlines() if "error:" in line)
+    assert "(has text, label)" in error and "implicit prompt" in error
+    assert "independent proxies" not in result.stderr  # the "training K independent proxies" line
