@@ -95,7 +95,7 @@ def read_preference_source(source: str | Path, split: str = "train") -> tuple[An
     if p.is_dir():
         try:
             data = load_from_disk(str(p))
-        except Exception as exc:  # datasets raises assorted errors (even IndexError for 0 shards)
+        except Exception as exc:  # noqa: BLE001 -- datasets raises assorted errors (even IndexError for 0 shards)
             if _saved_without_rows(p):
                 raise PreferenceDataError(f"{p}: holds no rows") from None
             raise PreferenceDataError(f"{p}: cannot be read as a saved dataset ({type(exc).__name__}: {exc})") from None
@@ -116,7 +116,7 @@ def read_preference_source(source: str | Path, split: str = "train") -> tuple[An
         level, quiet.level = quiet.level, logging.CRITICAL
         try:
             data = load_dataset(kind, data_files=str(p), split="train")
-        except Exception as exc:  # datasets wraps parse errors in DatasetGenerationError
+        except Exception as exc:  # noqa: BLE001 -- datasets wraps parse errors in DatasetGenerationError
             raise PreferenceDataError(f"{p}: cannot be read as {kind} ({_first_line(exc)})") from None
         finally:
             quiet.setLevel(level)
@@ -126,7 +126,7 @@ def read_preference_source(source: str | Path, split: str = "train") -> tuple[An
         raise PreferenceDataError(f"{p}: no such file or folder")
     try:
         loaded = load_dataset(text)
-    except Exception as exc:  # no network raises ConnectionError, OfflineModeIsEnabled, or a hub error
+    except Exception as exc:  # noqa: BLE001 -- no network: ConnectionError, OfflineModeIsEnabled, a hub error
         raise PreferenceDataError(f"{text}: no such local path, and the hub dataset cannot be loaded "
                                   f"({_first_line(exc)}); a hub name needs a network") from None
     if split not in loaded:

@@ -140,8 +140,8 @@ def test_dpo_and_madpo_read_an_implicit_file(tmp_path):
 
 
 @pytest.mark.parametrize("rows, expected", [
-    ([{"text": "a b", "label": 1}], "missing column(s) prompt, chosen, rejected; a preference dataset needs "
-                                    "prompt, chosen, rejected (explicit prompt) or chosen, rejected (implicit prompt"),
+    ([{"text": "a b", "label": 1}], ("missing column(s) prompt, chosen, rejected; a preference dataset needs "
+                                     "prompt, chosen, rejected (explicit prompt) or chosen, rejected (implicit prompt")),
     ([{"prompt": "a", "chosen": " b"}], "missing column(s) rejected"),
     ([{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "a", "chosen": 3, "rejected": " c"}],
      "row 1: field 'chosen' must be a string"),
@@ -242,11 +242,12 @@ def _foreign_cfg(foreign_world, data: Path, cache: Path, *overrides: str):
 
 
 def test_proxies_train_on_a_dataset_with_their_own_tokenizer(foreign_world, tmp_path):
+    from transformers import AutoTokenizer
+
     from rlhf_overopt.dist import DistInfo
     from rlhf_overopt.ensemble import ProxyEnsemble
     from rlhf_overopt.reward_cache import ensure_proxies, proxy_cache_dir
     from rlhf_overopt.runs import RunDir
-    from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(foreign_world["proxy_backbone"]).pad_token is None
     data = write_jsonl(tmp_path / "prefs.jsonl", pairs(60))
@@ -318,3 +319,16 @@ def test_bad_proxy_inputs_stop_before_training(foreign_world, tmp_path):
             train_ensemble("independent", foreign_world["proxy_backbone"], tok, train, val, None,
                            ProxyConfig(k=1, epochs=1, max_length=max_length), progress=False)
         assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_policy_backbone_of_a_foreign_policy_uses_its_checkpoint_and_tokenizer(foreign_world, tmp_path):
+    """proxy.backbone=policy with a policy that is not the testbed's: the policy's own checkpoint
+    and tokenizer (GPT-NeoX without a pad: one is added), no testbed needed."""
+    from rlhf_overopt.reward_cache import _proxy_backbone, _proxy_tokenizer
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", pairs(30))
+    cfg = _config(f"policy.path={foreign_world['policy']}", f"proxy.dataset={data}", "gold.path=testbed")
+    backbone = _proxy_backbone(cfg, None)
+    assert backbone == str(foreign_world["policy"])
+    tok = _proxy_tokenizer(cfg, None, backbone)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>" and tok.padding_side == "left"
