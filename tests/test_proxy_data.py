@@ -133,6 +133,22 @@ def test_dpo_and_madpo_read_an_implicit_file(tmp_path):
     assert all(c in columns for c in PAIR_TEXT_COLUMNS)
     assert columns["prompt"] == [r["prompt"] for r in rows] and columns["chosen"] == [r["chosen"] for r in rows]
 
+    # MADPO's margins on those columns; a user dataset's `flipped` is reported like the testbed's
+    from rlhf_overopt.config import load_config
+    from rlhf_overopt.margins import margin_weights
+
+    class Ensemble:
+        k = 2
+
+        def score_texts(self, prompts, responses, ended, standardized=None):
+            good = torch.tensor([float(any(g in r for g in GOOD)) for r in responses])
+            return torch.stack([good, 2 * good])
+
+    columns["flipped"] = [i % 3 == 0 for i in range(12)]
+    cfg = load_config(None, ["method=madpo", "proxy.k=2", "madpo.margin_aggregator=mean"], check_paths=False)
+    weights, stats = margin_weights(cfg, Ensemble(), columns, rank=0, world=1)
+    assert weights.shape == (12,) and "weight_mean_flipped_labels" in stats
+
 
 # ---------------------------------------------------------------------------------------------
 # (c) bad input: one line each
