@@ -124,8 +124,10 @@ def margin_weights(cfg: Config, ensemble, columns: dict[str, list[Any]], rank: i
         "weights": summary_stats(weights),
         "share_downweighted": float((weights < 1).float().mean()),
     }
-    if "label_flipped" in columns:
-        flipped = torch.tensor([bool(v) for v in columns["label_flipped"]])
+    # the testbed's label_flipped, or `flipped` of a user dataset (rlhf_overopt/preferences.py)
+    flip_column = next((c for c in ("label_flipped", "flipped") if c in columns), None)
+    if flip_column is not None:
+        flipped = torch.tensor([bool(v) for v in columns[flip_column]])
         if flipped.any() and (~flipped).any():
             # does the margin find the noisy labels? (testbed: flipped pairs should weigh less)
             stats["weight_mean_flipped_labels"] = float(weights[flipped].mean())

@@ -1,9 +1,16 @@
-"""Preference pairs for direct alignment: reading, validating, quality tiers, tokenizing, batching.
+"""Preference pairs for direct alignment and proxy training: reading, normalizing, validating,
+quality tiers, tokenizing, batching.
 
-A preference dataset is any `datasets` dataset with string columns prompt, chosen, rejected
-(TRL's "standard" preference format); optional boolean columns chosen_ended / rejected_ended say
-whether a response ended with EOS (default True: a finished text, as TRL assumes). Rows are
-checked one by one and a bad row is reported by its index and field.
+This module owns what a preference dataset is, for every consumer (dpo.dataset, MADPO margins,
+proxy.dataset): `load_preference_dataset` reads a file, a saved folder or a hub dataset in
+either of TRL's formats ("Dataset formats": explicit prompt, string columns prompt / chosen /
+rejected; or implicit prompt, chosen / rejected full texts whose shared prompt is their longest
+common prefix cut back to a word boundary) and returns the explicit one. Optional columns:
+boolean chosen_ended / rejected_ended say whether a response ended with EOS (default True: a
+finished text, as TRL assumes); gold_chosen / gold_rejected (the testbed's chosen_gold /
+rejected_gold) are gold scores, giving clean-label accuracy; flipped (label_flipped) marks a
+label flipped by noise. Rows are checked one by one and a bad row is reported by its index and
+field.
 
 Testbed quality tiers (the MADPO experiment, Rho 2025): the high tier is the testbed's pairs as
 sampled, both responses from the SFT policy. The medium and low tiers replace one response (a fair
@@ -24,7 +31,10 @@ expects.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +45,11 @@ import torch
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 ENDED_COLUMNS: tuple[str, ...] = ("chosen_ended", "rejected_ended")
+GOLD_COLUMNS: tuple[str, ...] = ("gold_chosen", "gold_rejected")
+ALIASES: dict[str, str] = {"chosen_gold": "gold_chosen", "rejected_gold": "gold_rejected", "label_flipped": "flipped"}
+"""Other names of the optional columns (the testbed's) -> the names label_preferences writes."""
+FORMATS = "prompt, chosen, rejected (explicit prompt) or chosen, rejected (implicit prompt; TRL's formats)"
+FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 class PreferenceDataError(ValueError):
@@ -46,46 +61,147 @@ class PreferenceDataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_preference_dataset(path: str | Path, split: str = "train"):
-    """Read a preference dataset from disk and validate every row.
+def load_preference_dataset(source: str | Path, split: str = "train"):
+    """Read a preference dataset (a path or a hub name), normalize it and validate every row.
 
-    `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (the
-    `split` is taken from a DatasetDict), or a .json/.jsonl/.csv/.parquet file.
-    Returns a `datasets.Dataset`. Raises PreferenceDataError naming the first bad row.
+    `source` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (the
+    `split` is taken from a DatasetDict), a .json/.jsonl/.csv/.parquet file, or a hub name
+    (`datasets.load_dataset`; needs a network). Either of TRL's formats is read ("explicit vs
+    implicit prompt", `normalize_preferences`). Returns a `datasets.Dataset` with string columns
+    prompt, chosen, rejected and any other columns under their canonical names. Raises
+    PreferenceDataError naming the first bad row.
+    """
+    data, _ = read_preference_source(source, split)
+    return normalize_preferences(data, source=str(source))
+
+
+def is_hub_name(source: str) -> bool:
+    """'org/name' or 'name' that is no local path: a hub dataset (config._is_model_ref's rule)."""
+    return (not Path(source).expanduser().exists() and not source.startswith((".", "/", "~"))
+            and source.count("/") <= 1 and Path(source).suffix not in FILE_KINDS)
+
+
+def read_preference_source(source: str | Path, split: str = "train") -> tuple[Any, dict[str, str]]:
+    """The raw dataset behind `source` (as read: not yet normalized or validated) and its identity.
+
+    The identity, {"dataset": resolved path or hub name, "fingerprint": ...}, changes whenever the
+    data may: the sha256 of a file's bytes, or the `datasets` fingerprint of a saved folder's or a
+    hub dataset's split (stored with the data, stable across loads). Cache keys use it.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    p = Path(path).expanduser()
+    text = str(source)
+    p = Path(text).expanduser()
     if p.is_dir():
         try:
             data = load_from_disk(str(p))
-        except Exception as exc:  # datasets raises assorted errors (even IndexError for 0 shards)
+        except Exception as exc:  # noqa: BLE001 -- datasets raises assorted errors (even IndexError for 0 shards)
+            if _saved_without_rows(p):
+                raise PreferenceDataError(f"{p}: holds no rows") from None
             raise PreferenceDataError(f"{p}: cannot be read as a saved dataset ({type(exc).__name__}: {exc})") from None
         if isinstance(data, DatasetDict):
             if split not in data:
                 raise PreferenceDataError(f"{p}: has splits {sorted(data)}, no {split!r} split")
             data = data[split]
-    elif p.is_file():
-        kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if p.suffix not in kinds:
-            raise PreferenceDataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(kinds)})")
-        if kinds[p.suffix] != "parquet":
+        return data, {"dataset": str(p.resolve()), "fingerprint": data._fingerprint}
+    if p.is_file():
+        if p.suffix not in FILE_KINDS:
+            raise PreferenceDataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(FILE_KINDS)})")
+        kind = FILE_KINDS[p.suffix]
+        if kind != "parquet":
             lines = _text_lines(p)
-            if lines <= (1 if kinds[p.suffix] == "csv" else 0):  # a CSV's first line is its header
+            if lines <= (1 if kind == "csv" else 0):  # a CSV's first line is its header
                 raise PreferenceDataError(f"{p}: holds no rows")
         quiet = logging.getLogger("datasets")  # it logs its own copy of the parse error
         level, quiet.level = quiet.level, logging.CRITICAL
         try:
-            data = load_dataset(kinds[p.suffix], data_files=str(p), split="train")
-        except Exception as exc:  # datasets wraps parse errors in DatasetGenerationError
-            cause = exc.__cause__ or exc
-            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise PreferenceDataError(f"{p}: cannot be read as {kinds[p.suffix]} ({detail})") from None
+            data = load_dataset(kind, data_files=str(p), split="train")
+        except Exception as exc:  # noqa: BLE001 -- datasets wraps parse errors in DatasetGenerationError
+            raise PreferenceDataError(f"{p}: cannot be read as {kind} ({_first_line(exc)})") from None
         finally:
             quiet.setLevel(level)
-    else:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        return data, {"dataset": str(p.resolve()), "fingerprint": digest}
+    if not is_hub_name(text):
         raise PreferenceDataError(f"{p}: no such file or folder")
-    validate_preference_rows(data, source=str(p))
+    try:
+        loaded = load_dataset(text)
+    except Exception as exc:  # noqa: BLE001 -- no network: ConnectionError, OfflineModeIsEnabled, a hub error
+        raise PreferenceDataError(f"{text}: no such local path, and the hub dataset cannot be loaded "
+                                  f"({_first_line(exc)}); a hub name needs a network") from None
+    if split not in loaded:
+        raise PreferenceDataError(f"{text}: has splits {sorted(loaded)}, no {split!r} split")
+    data = loaded[split]
+    return data, {"dataset": text, "fingerprint": data._fingerprint}
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """A save_to_disk folder of an empty dataset: its state lists no data files (datasets then
+    fails to read it back)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return state.get("_data_files") == []
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line of an exception (or of its cause, which datasets wraps)."""
+    cause = exc.__cause__ or exc
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+def implicit_prompt(chosen: str, rejected: str) -> int:
+    """Where the shared prompt of two full texts ends: their longest common prefix, cut back so that
+    both responses start at a whitespace character (a response never starts mid-word).
+
+    As TRL's `extract_prompt`, the space before the first differing word goes to the responses
+    (prompt "The film was", responses " great." / " bad."). Returns the prompt's length; 0 when
+    the texts share no prefix ending at a word boundary.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    # j <= n with chosen[j] and rejected[j] whitespace: both are then equal for j < n
+    for j in range(n, 0, -1):
+        if j < len(chosen) and j < len(rejected) and chosen[j].isspace() and rejected[j].isspace():
+            return j
+    return 0
+
+
+def normalize_preferences(data, source: str = "dataset"):
+    """One dataset in either of TRL's preference formats -> the explicit one, validated.
+
+    TRL ("Dataset formats", explicit vs implicit prompt): explicit rows carry prompt, chosen and
+    rejected; implicit rows carry only chosen and rejected full texts, whose shared prompt is
+    recovered here (`implicit_prompt`). Column aliases are renamed to one name each (ALIASES: the
+    testbed's chosen_gold / rejected_gold / label_flipped and label_preferences' gold_chosen /
+    gold_rejected / flipped). Every row is then checked (`validate_preference_rows`).
+    """
+    for alias, name in ALIASES.items():
+        if alias in data.column_names and name not in data.column_names:
+            data = data.rename_column(alias, name)
+    if "prompt" not in data.column_names and {"chosen", "rejected"} <= set(data.column_names):
+        validate_preference_rows(data, source=source, columns=("chosen", "rejected"))
+        chosen, rejected = list(data["chosen"]), list(data["rejected"])
+        cuts = []
+        for i, (c, r) in enumerate(zip(chosen, rejected)):
+            cut = implicit_prompt(c, r)
+            if cut == 0 or not c[:cut].strip():
+                raise PreferenceDataError(
+                    f"{source} row {i}: implicit-prompt pair whose chosen and rejected texts share no prompt "
+                    "(no common prefix ending at a word boundary); give a prompt column")
+            cuts.append(cut)
+        rest = data.remove_columns(["chosen", "rejected"])
+        columns = {"prompt": [c[:k] for c, k in zip(chosen, cuts)], "chosen": [c[k:] for c, k in zip(chosen, cuts)],
+                   "rejected": [r[k:] for r, k in zip(rejected, cuts)]}
+        from datasets import Dataset
+
+        data = Dataset.from_dict({**columns, **rest.to_dict()})
+    validate_preference_rows(data, source=source)
     return data
 
 
@@ -104,23 +220,25 @@ def _text_lines(path: Path) -> int:
     return count
 
 
-def validate_preference_rows(data, source: str = "dataset") -> None:
-    """Check columns and every row: prompt/chosen/rejected non-empty strings, ended flags booleans.
+def validate_preference_rows(data, source: str = "dataset",
+                             columns: Sequence[str] = REQUIRED_COLUMNS) -> None:
+    """Check columns and every row: `columns` (prompt/chosen/rejected) non-empty strings, ended
+    flags booleans, gold scores finite numbers.
 
     Raises PreferenceDataError('<source> row <i>: ...') at the first problem.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
+    missing = [c for c in columns if c not in data.column_names]
     if missing:
         raise PreferenceDataError(
             f"{source}: missing column(s) {', '.join(missing)}; a preference dataset needs "
-            f"{', '.join(REQUIRED_COLUMNS)} (has {', '.join(data.column_names)})"
+            f"{FORMATS} (has {', '.join(data.column_names) or 'no columns'})"
         )
     if len(data) == 0:
         raise PreferenceDataError(f"{source}: holds no rows")
-    columns = {c: data[c] for c in (*REQUIRED_COLUMNS, *ENDED_COLUMNS) if c in data.column_names}
+    values = {c: data[c] for c in (*columns, *ENDED_COLUMNS, *GOLD_COLUMNS) if c in data.column_names}
     for i in range(len(data)):
-        for name in REQUIRED_COLUMNS:
-            value = columns[name][i]
+        for name in columns:
+            value = values[name][i]
             if value is None:
                 raise PreferenceDataError(f"{source} row {i}: field {name!r} is missing")
             if not isinstance(value, str):
@@ -131,10 +249,14 @@ def validate_preference_rows(data, source: str = "dataset") -> None:
             if not value.strip():
                 raise PreferenceDataError(f"{source} row {i}: field {name!r} is empty")
         for name in ENDED_COLUMNS:
-            if name in columns and not isinstance(columns[name][i], bool):
+            if name in values and not isinstance(values[name][i], bool):
                 raise PreferenceDataError(
-                    f"{source} row {i}: field {name!r} must be true or false, got {columns[name][i]!r}"
+                    f"{source} row {i}: field {name!r} must be true or false, got {values[name][i]!r}"
                 )
+        for name in GOLD_COLUMNS:
+            v = values[name][i] if name in values else 0.0
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise PreferenceDataError(f"{source} row {i}: field {name!r} must be a finite number, got {v!r}")
 
 
 def ended_flags(data, column: str) -> list[bool]:

@@ -2,13 +2,20 @@
 
 Every experiment that needs proxies calls `ensure_proxies`, every composite experiment
 `ensure_components`. Each loads the configured path when one is given; otherwise it trains once
-into a content-hashed folder beside the testbed, keyed by what determines the trained weights
-(the proxy settings, the backbone, the testbed, the seed), so later runs reuse it in seconds.
+into a content-hashed folder beside the testbed (or in the cache root when the world has no
+testbed), keyed by what determines the trained weights (the proxy settings, the backbone, the
+testbed, the seed, and for proxy.dataset other than the testbed the dataset's identity: its
+resolved path or hub name and a fingerprint of its contents), so later runs reuse it in seconds.
 Rank 0 trains under a file lock while the other ranks wait; then every rank loads.
 
-    <testbed cache>/proxies-<hash>/             one saved ProxyEnsemble
-    <testbed cache>/components-<hash>/<name>/   one saved ProxyEnsemble per component
-    <testbed cache>/<testbed>-pretrain-<seed>/  the pretrain ensemble's backbones
+Proxies train on proxy.dataset: the testbed's gold-labelled pairs, or any preference dataset in
+TRL's formats (rlhf_overopt/preferences.py), split 90/10 into train and validation; the members
+start from proxy.backbone and read text with its own tokenizer (rlhf_overopt/rm_training.py),
+and are loaded in proxy.dtype.
+
+    <cache>/proxies-<hash>/             one saved ProxyEnsemble
+    <cache>/components-<hash>/<name>/   one saved ProxyEnsemble per component
+    <cache>/<testbed>-pretrain-<seed>/  the pretrain ensemble's backbones
 
 The keys and folder names are those of caches written before this module existed: changing a
 key's JSON contents, its hashing or a CACHE_VERSION retrains every cached reward model.
@@ -24,6 +31,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from rlhf_overopt import dist
 from rlhf_overopt.components import ComponentRewards, component_preferences, component_values
@@ -50,13 +59,17 @@ def proxy_key_settings(cfg: Config) -> dict[str, Any]:
     """The proxy settings that determine trained weights, as they enter a cache key.
 
     Settings that only steer scoring are left out, and so is `train_pairs` at 0 ("all pairs"):
-    caches written before the option existed keep their keys.
+    caches written before the option existed keep their keys. `dtype` stays at "float32": members
+    train in float32 whatever proxy.dtype (it is applied on load), so every dtype shares one
+    cache, under the key it had when the field came in. `dataset` is the setting as written; its
+    contents enter the key in proxy_cache_dir.
     """
     settings = to_dict(cfg.proxy)
     for key in ("path", "score_batch_size", "on_failed_member", "train_workers"):
         settings.pop(key, None)
     if settings.get("train_pairs") == 0:
         settings.pop("train_pairs")
+    settings["dtype"] = "float32"
     return settings
 
 
@@ -90,7 +103,41 @@ def make_backbone(cfg: Config, testbed, tokenizer, seed: int) -> Path:
 
 
 def _proxy_backbone(cfg: Config, testbed) -> str:
-    return str(testbed.policy_dir) if cfg.proxy.backbone == "policy" else cfg.proxy.backbone
+    """The members' starting checkpoint: proxy.backbone, or with 'policy' the run's policy (the
+    testbed's SFT policy, or the user's own checkpoint)."""
+    if cfg.proxy.backbone != "policy":
+        return cfg.proxy.backbone
+    if cfg.policy.path == "testbed":
+        return str(testbed.policy_dir)
+    return cfg.policy.path
+
+
+def _proxy_tokenizer(cfg: Config, testbed, backbone: str):
+    """The tokenizer the proxies read text with: the testbed's for the testbed policy and its
+    pretraining runs (as ever), else the backbone's own (`rm_training.proxy_tokenizer`)."""
+    if cfg.proxy.kind == "pretrain" or (cfg.proxy.backbone == "policy" and cfg.policy.path == "testbed"):
+        if testbed is None:
+            raise InputError(f"proxy.kind={cfg.proxy.kind} with proxy.backbone={cfg.proxy.backbone} needs the "
+                             "testbed (its policy and tokenizer); name a proxy.backbone checkpoint")
+        return testbed.load_tokenizer()
+    from rlhf_overopt.rm_training import proxy_tokenizer
+
+    return proxy_tokenizer(backbone, trust_remote_code=cfg.policy.trust_remote_code)
+
+
+def _make_backbone(cfg: Config, testbed, tokenizer):
+    """make_backbone for kind=pretrain (pretraining runs of the testbed policy), None without a testbed."""
+    return None if testbed is None else partial(make_backbone, cfg, testbed, tokenizer)
+
+
+def cache_root(cfg: Config, testbed) -> Path:
+    """Where trained reward models are cached: beside the testbed, else in the cache root
+    (testbed.cache_dir, $RLHF_OVEROPT_CACHE or ~/.cache/rlhf_overopt) for a world without one."""
+    if testbed is not None:
+        return testbed.root.parent
+    from rlhf_overopt.testbed.build import resolve_cache_dir
+
+    return resolve_cache_dir(cfg.testbed)
 
 
 def _trained_once(out_dir: Path, marker: str, train: Callable[[], None], info: DistInfo, what: str) -> None:
@@ -109,48 +156,82 @@ def _trained_once(out_dir: Path, marker: str, train: Callable[[], None], info: D
 # ---------------------------------------------------------------------------------------------
 
 
-def proxy_cache_dir(cfg: Config, testbed) -> Path:
-    """<testbed cache>/proxies-<hash of what determines the trained weights>."""
-    key = json.dumps({"proxy": proxy_key_settings(cfg), "policy": cfg.policy.path, "testbed": testbed.root.name,
-                      "seed": cfg.seed, "version": PROXY_CACHE_VERSION}, sort_keys=True)
-    return testbed.root.parent / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+def proxy_dataset(cfg: Config):
+    """proxy.dataset read and normalized (rlhf_overopt/preferences.py), and its identity
+    {"dataset": resolved path or hub name, "fingerprint": ...}; not for 'testbed'."""
+    from rlhf_overopt.preferences import PreferenceDataError, normalize_preferences, read_preference_source
+
+    try:
+        raw, identity = read_preference_source(cfg.proxy.dataset)
+        return normalize_preferences(raw, source=cfg.proxy.dataset), identity
+    except PreferenceDataError as exc:
+        raise InputError(f"proxy.dataset: {exc}") from None
 
 
-def _train_proxies(cfg: Config, testbed, out_dir: Path, device) -> None:
+def proxy_cache_dir(cfg: Config, testbed, identity: dict[str, str] | None = None) -> Path:
+    """<cache root>/proxies-<hash of what determines the trained weights>.
+
+    With proxy.dataset=testbed the key is exactly the one written before proxy.dataset existed
+    (the caches keep their folders); another dataset adds its identity (resolved path or hub name
+    and a fingerprint of its contents: `identity`, read from proxy.dataset when not given), so an
+    edited file trains anew.
+    """
+    entries: dict[str, Any] = {"proxy": proxy_key_settings(cfg), "policy": cfg.policy.path,
+                               "seed": cfg.seed, "version": PROXY_CACHE_VERSION}
+    if cfg.proxy.dataset == "testbed":
+        entries["testbed"] = testbed.root.name
+    else:
+        entries["testbed"] = testbed.root.name if testbed is not None else None
+        entries["dataset"] = identity if identity is not None else proxy_dataset(cfg)[1]
+    key = json.dumps(entries, sort_keys=True)
+    return cache_root(cfg, testbed) / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _train_proxies(cfg: Config, testbed, out_dir: Path, device, prefs=None) -> None:
+    """Train the ensemble into out_dir on `prefs` (proxy.dataset's pairs; the testbed's when None)."""
     from rlhf_overopt.rm_training import train_ensemble
 
-    train, val = split_prefs(testbed.load_prefs(), cfg.seed)
+    train, val = split_prefs(testbed.load_prefs() if prefs is None else prefs, cfg.seed)
     train = limit_train_pairs(train, cfg.proxy.train_pairs)
-    tokenizer = testbed.load_tokenizer()
-    log.info("training %d %s proxies (%d train / %d val pairs) into %s", cfg.proxy.k, cfg.proxy.kind,
-             len(train), len(val), out_dir)
-    # train_ensemble checks, standardizes and writes atomically into out_dir
-    train_ensemble(cfg.proxy.kind, _proxy_backbone(cfg, testbed), tokenizer, train, val, out_dir, cfg.proxy,
-                   seed=cfg.seed, make_backbone=partial(make_backbone, cfg, testbed, tokenizer), device=device,
-                   progress=True)
+    backbone = _proxy_backbone(cfg, testbed)
+    tokenizer = _proxy_tokenizer(cfg, testbed, backbone)
+    log.info("training %d %s proxies (%d train / %d val pairs of %s) into %s", cfg.proxy.k, cfg.proxy.kind,
+             len(train), len(val), cfg.proxy.dataset, out_dir)
+    # train_ensemble checks, standardizes (on the validation split's responses) and writes
+    # atomically into out_dir
+    train_ensemble(cfg.proxy.kind, backbone, tokenizer, train, val, out_dir, cfg.proxy, seed=cfg.seed,
+                   make_backbone=_make_backbone(cfg, testbed, tokenizer), device=device, progress=True)
 
 
 def ensure_proxies(cfg: Config, testbed, info: DistInfo, run: RunDir) -> ProxyEnsemble:
     """The run's proxy ensemble: loaded from proxy.path, from the cache, or trained (rank 0) first.
 
-    Rank 0 writes proxies.json (proxy_report) into the run directory. The ensemble is on the CPU.
+    The pairs are proxy.dataset's (read and checked on every rank before anything trains: a bad
+    dataset stops the run with one line). Rank 0 writes proxies.json (proxy_report) into the run
+    directory. The ensemble is on the CPU, its members in proxy.dtype (trained in float32).
     """
+    dtype = getattr(torch, cfg.proxy.dtype)
     if cfg.proxy.path:
-        return ProxyEnsemble.load(cfg.proxy.path, score_batch_size=cfg.proxy.score_batch_size,
+        return ProxyEnsemble.load(cfg.proxy.path, score_batch_size=cfg.proxy.score_batch_size, dtype=dtype,
                                   trust_remote_code=cfg.policy.trust_remote_code)
-    if testbed is None:
+    prefs = identity = None
+    if cfg.proxy.dataset != "testbed":
+        prefs, identity = proxy_dataset(cfg)
+    elif testbed is None:
         raise InputError("proxy.path is empty and there is no testbed to train proxies on; set proxy.path")
-    out_dir = proxy_cache_dir(cfg, testbed)
-    _trained_once(out_dir, ENSEMBLE_FILE, lambda: _train_proxies(cfg, testbed, out_dir, info.device), info,
+    out_dir = proxy_cache_dir(cfg, testbed, identity)
+    _trained_once(out_dir, ENSEMBLE_FILE, lambda: _train_proxies(cfg, testbed, out_dir, info.device, prefs), info,
                   "proxies")
-    ensemble = ProxyEnsemble.load(out_dir, score_batch_size=cfg.proxy.score_batch_size)
+    ensemble = ProxyEnsemble.load(out_dir, score_batch_size=cfg.proxy.score_batch_size, dtype=dtype,
+                                  trust_remote_code=cfg.policy.trust_remote_code)
     if info.is_main:
         run.write_json("proxies.json", proxy_report(ensemble, out_dir))
     return ensemble
 
 
 def ensemble_dir(cfg: Config, testbed) -> Path:
-    """Where the run's ensemble lives: proxy.path, or its cache folder."""
+    """Where the run's ensemble lives: proxy.path, or its cache folder (proxy.dataset is read again
+    for its identity)."""
     return Path(cfg.proxy.path) if cfg.proxy.path else proxy_cache_dir(cfg, testbed)
 
 
@@ -167,6 +248,7 @@ def proxy_report(ensemble: ProxyEnsemble, out_dir: Path) -> dict[str, Any]:
     """What proxies.json records: where the ensemble lives, its members and their accuracies."""
     return {
         "path": str(out_dir),
+        "dataset": ensemble.train_config.get("dataset", "testbed"),
         "kind": ensemble.kind,
         "k": ensemble.k,
         "members": ensemble.member_names,
@@ -229,8 +311,8 @@ def _train_components(cfg: Config, testbed, out_dir: Path, device) -> None:
     gold = GoldScorer.from_config(cfg, testbed)
     first = component_values(gold.components(pairs["prompt"], pairs["first"], pairs["first_ended"]), comp.terms)
     second = component_values(gold.components(pairs["prompt"], pairs["second"], pairs["second_ended"]), comp.terms)
-    tokenizer = testbed.load_tokenizer()
     backbone = _proxy_backbone(cfg, testbed)
+    tokenizer = _proxy_tokenizer(cfg, testbed, backbone)
     # initial-policy responses for standardization: the testbed pairs' validation split, as for the main proxies
     reference = reference_responses(split_prefs(testbed.load_prefs(), cfg.seed)[1])
 
@@ -248,18 +330,18 @@ def _train_components(cfg: Config, testbed, out_dir: Path, device) -> None:
                  name, comp.terms[i], len(prefs), len(pairs["prompt"]), cfg.proxy.k, cfg.proxy.kind)
         # 3. train
         train_ensemble(cfg.proxy.kind, backbone, tokenizer, train, val, out_dir / name, cfg.proxy, seed=cfg.seed,
-                       make_backbone=partial(make_backbone, cfg, testbed, tokenizer), reference=reference,
+                       make_backbone=_make_backbone(cfg, testbed, tokenizer), reference=reference,
                        device=device, progress=True)
     (out_dir / COMPONENTS_FILE).write_text(json.dumps({"names": comp.names, "terms": comp.terms, "data": stats},
                                                       indent=2) + "\n")
 
 
 def load_components(directory: str | Path, names: Sequence[str], terms: Sequence[str], *,
-                    score_batch_size: int | None = None,
-                    trust_remote_code: bool = False) -> ComponentRewards:
-    """The component ensembles saved under directory/<name>/."""
+                    score_batch_size: int | None = None, trust_remote_code: bool = False,
+                    dtype: torch.dtype = torch.float32) -> ComponentRewards:
+    """The component ensembles saved under directory/<name>/, their members in `dtype`."""
     root = Path(directory)
-    ensembles = [ProxyEnsemble.load(root / name, score_batch_size=score_batch_size,
+    ensembles = [ProxyEnsemble.load(root / name, score_batch_size=score_batch_size, dtype=dtype,
                                     trust_remote_code=trust_remote_code) for name in names]
     return ComponentRewards(names, terms, ensembles, root=root)
 
@@ -279,7 +361,7 @@ def ensure_components(cfg: Config, testbed, info: DistInfo, run: RunDir) -> Comp
         _trained_once(out_dir, COMPONENTS_FILE, lambda: _train_components(cfg, testbed, out_dir, info.device),
                       info, "components")
     components = load_components(out_dir, comp.names, comp.terms, score_batch_size=cfg.proxy.score_batch_size,
-                                 trust_remote_code=cfg.policy.trust_remote_code)
+                                 trust_remote_code=cfg.policy.trust_remote_code, dtype=getattr(torch, cfg.proxy.dtype))
     if info.is_main:
         data = json.loads((out_dir / COMPONENTS_FILE).read_text()) if (out_dir / COMPONENTS_FILE).exists() else {}
         run.write_json("components.json", {"path": str(out_dir), **components.report(), "data": data.get("data")})

@@ -17,7 +17,9 @@ standardized `ProxyEnsemble`, saved when asked. Per kind (rlhf_overopt/members.p
   seeded LoRA init and its own copy of the score head (peft `modules_to_save`), trained one by
   one.
 
-Preference data is tokenized once (`encode_pairs`) for training and validation.
+Preference data is tokenized once (`encode_pairs`) for training and validation, with the
+backbone's own tokenizer (`proxy_tokenizer`: a pad distinct from EOS is added when missing and the
+members' embeddings grow by its row), so proxies read text and any policy tokenizer works.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 
 from rlhf_overopt.config import ProxyConfig
 from rlhf_overopt.ensemble import ProxyEnsemble
+from rlhf_overopt.errors import InputError
 from rlhf_overopt.losses import bradley_terry_loss
 from rlhf_overopt.members import LoraMembers, MultiHeadMembers, MultiHeadRewardModel, SeparateMembers
 from rlhf_overopt.models import (
@@ -56,6 +59,8 @@ logger = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = ("independent", "pretrain", "multihead", "lora")
 PRETRAIN_SEED_OFFSET = 1000
 """Member i of a pretrain ensemble gets its backbone from `make_backbone(1000 + seed + i)`."""
+PAD_TOKEN = "<|pad|>"
+"""The pad token added to a proxy backbone's tokenizer that has none distinct from EOS."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +95,8 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> EncodedPairs:
     """Tokenize a preference `datasets.Dataset` once, for training and evaluation.
 
     Needs columns prompt, chosen, rejected; chosen_ended / rejected_ended default to True (a
-    finished text) and chosen_gold / rejected_gold, when present, give the clean labels.
+    finished text) and gold_chosen / gold_rejected (the testbed's chosen_gold / rejected_gold),
+    when present, give the clean labels.
     """
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -103,10 +109,12 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> EncodedPairs:
         tokenizer, prompts, list(dataset["rejected"]), _column(dataset, "rejected_ended", True), max_length
     )
     better = tie = None
-    if "chosen_gold" in dataset.column_names and "rejected_gold" in dataset.column_names:
-        gold_c = torch.as_tensor(list(dataset["chosen_gold"]), dtype=torch.float64)
-        gold_r = torch.as_tensor(list(dataset["rejected_gold"]), dtype=torch.float64)
-        better, tie = gold_c > gold_r, gold_c == gold_r
+    for gold_chosen, gold_rejected in (("chosen_gold", "rejected_gold"), ("gold_chosen", "gold_rejected")):
+        if gold_chosen in dataset.column_names and gold_rejected in dataset.column_names:
+            gold_c = torch.as_tensor(list(dataset[gold_chosen]), dtype=torch.float64)
+            gold_r = torch.as_tensor(list(dataset[gold_rejected]), dtype=torch.float64)
+            better, tie = gold_c > gold_r, gold_c == gold_r
+            break
     return EncodedPairs(chosen, rejected, better, tie)
 
 
@@ -121,6 +129,84 @@ def reference_responses(dataset) -> tuple[list[str], list[str], list[bool]]:
         bool(e) for e in _column(dataset, "chosen_ended", True) + _column(dataset, "rejected_ended", True)
     ]
     return prompts + prompts, responses, ended
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone's own tokenizer, vocabulary and context
+# ---------------------------------------------------------------------------------------------
+
+
+def proxy_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The backbone's own tokenizer, ready for reward modelling: left padding and truncation (the
+    end of a response carries the score) and a pad token distinct from EOS.
+
+    Proxies read text, so their tokenizer need not be the policy's. One without a pad distinct
+    from EOS (Pythia, Llama ship none) gets PAD_TOKEN added: a pad equal to EOS would make "the
+    response ended" invisible to the reward model. The members' embeddings are then resized
+    (`fit_embeddings`).
+    """
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"proxy.backbone: the tokenizer of {path} has no eos_token; responses could never be "
+                         "marked as ended")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        logger.info("proxy.backbone %s: its tokenizer has no pad token distinct from EOS; added %s (id %d), "
+                    "member embeddings are resized to %d rows", path, PAD_TOKEN, tokenizer.pad_token_id,
+                    len(tokenizer))
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def check_backbone_vocabulary(tokenizer, config, where: str) -> None:
+    """Every token id but an added pad must have an embedding row in the backbone; the pad may lie
+    beyond them (fit_embeddings adds its row)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    needed = len(tokenizer) - (tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows)
+    if needed > rows:
+        raise InputError(f"proxy.backbone: the tokenizer has {needed} tokens but {where}'s embedding has only "
+                         f"{rows} rows (mismatched vocabulary)")
+
+
+def fit_embeddings(model: nn.Module, n_tokens: int) -> nn.Module:
+    """Grow the input embeddings to `n_tokens` rows (len(tokenizer)) when the tokenizer outgrew them
+    (an added pad); the new rows are the mean of the old ones, so no random draw changes a member's
+    init (and the caller's RNG stream is left untouched)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if n_tokens > rows:
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
+            model.resize_token_embeddings(n_tokens, mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[rows:] = weight[:rows].mean(dim=0)
+    return model
+
+
+def check_context(tokenizer, datasets: Sequence[Any], max_length: int, context: int | None, where: str) -> None:
+    """The proxies' token cap must hold every response (+ EOS) whole: the cap keeps a text's end,
+    so a cap shorter than a response would cut that response, then the prompt, away unseen."""
+    if context is not None and max_length > context:
+        raise InputError(f"proxy.max_length={max_length} exceeds the {context} positions of proxy.backbone {where}")
+    longest, split, row = 0, "", -1
+    for name, dataset in zip(("train", "validation"), datasets):
+        for side in ("chosen", "rejected"):
+            ended = _column(dataset, f"{side}_ended", True)
+            ids = tokenizer(list(dataset[side]), add_special_tokens=False)["input_ids"]
+            for i, (tokens, end) in enumerate(zip(ids, ended)):
+                if len(tokens) + bool(end) > longest:
+                    longest, split, row = len(tokens) + bool(end), name, i
+    if longest > max_length:
+        raise InputError(
+            f"proxy.max_length: proxies read at most {max_length} tokens (proxy.max_length, else the context of "
+            f"proxy.backbone {where}) but a response of the {split} split (row {row}) has {longest}; responses "
+            "would be cut away; raise proxy.max_length or use a backbone with a longer context")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +304,31 @@ def _lora_config(cfg: ProxyConfig, base: nn.Module):
     )
 
 
+def _member_model(path: str, tokenizer_len: int, pad: int, seed: int, cfg: ProxyConfig) -> nn.Module:
+    """One sequence-classification member from `path`, its embeddings fit to the tokenizer.
+
+    A pad added beyond the checkpoint's rows cannot be the embedding's padding_idx while the model
+    is built (torch refuses it), so the model is built without one and told its pad once resized;
+    the transformers classes read config.pad_token_id at each forward.
+    """
+    model = reward_model_from_pretrained(path, pad_token_id=pad if pad < _config_rows(path) else None,
+                                         seed=seed, n_layer=cfg.n_layer)
+    fit_embeddings(model, tokenizer_len)
+    model.config.pad_token_id = pad
+    return model
+
+
+def _config_rows(path: str) -> int:
+    """The checkpoint's vocabulary size (its embedding rows); a large number when unstated."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(path))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(config, "vocab_size", None)
+    return rows if isinstance(rows, int) else 2**62
+
+
 def member_workers(requested: int, k: int, device: torch.device | str) -> int:
     """Processes that train independent members at once: 1 on an accelerator or for one member;
     `requested` if set; else as many as the usable cores allow at this process's thread count."""
@@ -236,8 +347,7 @@ def _member_worker(job: dict[str, Any]) -> tuple[int, bytes, dict[str, float]]:
     from safetensors.torch import save
 
     torch.set_num_threads(job["threads"])
-    model = reward_model_from_pretrained(job["path"], pad_token_id=job["pad"], seed=job["seed"],
-                                         n_layer=job["cfg"].n_layer)
+    model = _member_model(job["path"], job["vocab"], job["pad"], job["seed"], job["cfg"])
     model.train()
     stats = _fit_bradley_terry(_one_head(model), list(model.parameters()), job["pairs"], pad_token_id=job["pad"],
                                n_heads=1, cfg=job["cfg"], seed=job["seed"], device=torch.device("cpu"),
@@ -247,7 +357,7 @@ def _member_worker(job: dict[str, Any]) -> tuple[int, bytes, dict[str, float]]:
 
 
 def _train_members_in_processes(paths: Sequence[str], names: Sequence[str], seeds: Sequence[int],
-                                pairs: EncodedPairs, pad: int, cfg: ProxyConfig, workers: int,
+                                pairs: EncodedPairs, pad: int, vocab: int, cfg: ProxyConfig, workers: int,
                                 progress: bool) -> list[nn.Module]:
     """Train independent members in `workers` spawned processes (CPU); returns them in order, in
     eval mode. Weights travel back as safetensors bytes, not pickles."""
@@ -257,8 +367,8 @@ def _train_members_in_processes(paths: Sequence[str], names: Sequence[str], seed
     from safetensors.torch import load
 
     threads = torch.get_num_threads()
-    jobs = [{"index": i, "name": names[i], "path": str(paths[i]), "seed": seeds[i], "pad": pad, "cfg": cfg,
-             "pairs": pairs, "threads": threads} for i in range(len(names))]
+    jobs = [{"index": i, "name": names[i], "path": str(paths[i]), "seed": seeds[i], "pad": pad, "vocab": vocab,
+             "cfg": cfg, "pairs": pairs, "threads": threads} for i in range(len(names))]
     logger.info("training %d proxy members in %d processes (%d thread(s) each)", len(jobs), workers, threads)
     states: dict[int, dict[str, torch.Tensor]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -272,7 +382,7 @@ def _train_members_in_processes(paths: Sequence[str], names: Sequence[str], seed
                 pbar.update(1)
     models = []
     for i in range(len(jobs)):
-        model = reward_model_from_pretrained(paths[i], pad_token_id=pad, seed=seeds[i], n_layer=cfg.n_layer)
+        model = _member_model(paths[i], vocab, pad, seeds[i], cfg)
         model.load_state_dict(states[i])
         models.append(model.eval())
     return models
@@ -296,10 +406,14 @@ def train_ensemble(
     """Train a K-member proxy ensemble with the Bradley–Terry loss on (noisy) preference labels.
 
     kind: independent | pretrain | multihead | lora (module docstring). `backbone_path` is a
-    causal-LM or sequence-classification checkpoint (the SFT policy); for kind=pretrain it is
-    unused and member i's backbone is `make_backbone(1000 + seed + i)`.
+    causal-LM or sequence-classification checkpoint (the SFT policy, or any other); for
+    kind=pretrain it is unused and member i's backbone is `make_backbone(1000 + seed + i)`.
+    `tokenizer` is the backbone's own (`proxy_tokenizer`), which need not be the policy's: members
+    whose embeddings lack a row for its (added) pad token are resized. Before training the
+    vocabulary and the context (every response must fit the token cap) are checked.
     prefs_train / prefs_val: `datasets.Dataset` with prompt, chosen, rejected and optionally
-    chosen_ended, rejected_ended, chosen_gold, rejected_gold; "chosen" is the noisy label.
+    chosen_ended, rejected_ended, gold_chosen / gold_rejected (or chosen_gold / rejected_gold);
+    "chosen" is the noisy label.
     Per member: AdamW (cfg.lr, cfg.weight_decay), cfg.epochs over prefs_train in batches of
     cfg.batch_size pairs, offset regularizer cfg.offset_eta (Eisenstein et al. 2023). Then
     validation accuracies are recorded, failed members handled per cfg.on_failed_member,
@@ -320,7 +434,7 @@ def train_ensemble(
         raise ValueError(f"kind={kind} needs a backbone_path")
     check_tokenizer(tokenizer)
     device = torch.device(device)
-    pad = tokenizer.pad_token_id
+    pad, vocab = tokenizer.pad_token_id, len(tokenizer)
     names = [f"member_{i}" for i in range(cfg.k)]
     seeds = [seed + i for i in range(cfg.k)]
     backbones: list[str] = []  # recorded in ensemble.json: where each member started from
@@ -359,7 +473,9 @@ def train_ensemble(
 
     with quiet_transformers():
         first_config = AutoConfig.from_pretrained(first_path)
+    check_backbone_vocabulary(tokenizer, first_config, first_path)
     max_length = cfg.max_length or context_length(first_config) or 1024
+    check_context(tokenizer, (prefs_train, prefs_val), max_length, context_length(first_config), first_path)
     train_pairs = encode_pairs(prefs_train, tokenizer, max_length)
     val_pairs = encode_pairs(prefs_val, tokenizer, max_length)
     if len(train_pairs) == 0:
@@ -370,19 +486,18 @@ def train_ensemble(
         paths = [first_path] + [member_path(i) for i in range(1, cfg.k)]
         workers = member_workers(cfg.train_workers, cfg.k, device)
         if workers > 1:
-            models = _train_members_in_processes(paths, names, seeds, train_pairs, pad, cfg, workers, progress)
+            models = _train_members_in_processes(paths, names, seeds, train_pairs, pad, vocab, cfg, workers,
+                                                 progress)
         else:
             models = []
             for i, name in enumerate(names):
-                model = reward_model_from_pretrained(
-                    paths[i], pad_token_id=pad, seed=seeds[i], n_layer=cfg.n_layer
-                ).to(device)
+                model = _member_model(paths[i], vocab, pad, seeds[i], cfg).to(device)
                 model.train()
                 fit(_one_head(model), model.parameters(), 1, seeds[i], name)
                 models.append(model.eval())
         members = SeparateMembers(kind, names, models)
     elif kind == "multihead":
-        backbone = backbone_from_pretrained(first_path, n_layer=cfg.n_layer)
+        backbone = fit_embeddings(backbone_from_pretrained(first_path, n_layer=cfg.n_layer), vocab)
         model = MultiHeadRewardModel(backbone, seeds).to(device)
         model.train()
         fit(model, model.parameters(), cfg.k, seed, f"{cfg.k} heads")
@@ -390,9 +505,7 @@ def train_ensemble(
     else:
         from peft import get_peft_model
 
-        base = reward_model_from_pretrained(first_path, pad_token_id=pad, seed=seed, n_layer=cfg.n_layer).to(
-            device
-        )
+        base = _member_model(first_path, vocab, pad, seed, cfg).to(device)
         base_state = dict(base.state_dict())
         lora_config = _lora_config(cfg, base)
         peft_model = None

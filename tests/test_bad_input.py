@@ -253,3 +253,18 @@ def test_missing_prompt_column_stops_before_proxies(tiny_testbed, tmp_path):
                      f"data.prompts={prompts}", "data.prompt_column=nope", "data.eval_size=8", "eval.n_prompts=8")
     assert_clean_failure(result, out, "no column 'nope' (data.prompt_column); columns: text")
     assert not (out / "proxies.json").exists() and "proxies" not in result.stderr  # no proxy was loaded or trained
+
+
+@pytest.mark.slow
+def test_proxy_dataset_in_neither_format(tiny_testbed, tmp_path):
+    """proxy.dataset with neither TRL preference format stops train_rm before any training, with
+    one line naming the columns it has and the formats accepted."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"text": "The film was great.", "label": 1}\n')
+    out = tmp_path / "run"
+    result = run_cli(ROOT / "configs" / "tiny" / "train_rm.yaml", f"output_dir={out}",
+                     f"testbed.cache_dir={tiny_testbed.root.parent}", f"proxy.dataset={data}")
+    assert_clean_failure(result, out, "proxy.dataset: ")
+    error = next(line for line in result.stderr.splitlines() if "error:" in line)
+    assert "(has text, label)" in error and "implicit prompt" in error
+    assert "independent proxies" not in result.stderr  # the "training K independent proxies" line
