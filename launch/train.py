@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlhf_overopt.config import METHODS, ConfigError, check_world_size, field_docs, load_config  # noqa: E402
+from rlhf_overopt.errors import InputError  # noqa: E402
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -96,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 alone inspects the run directory (the others would race with its creation);
         # its verdict is broadcast once the process group exists.
         state = check_run_dir(cfg) if int(os.environ.get("RANK", "0")) == 0 else "pending"
+        if "data" in METHODS[cfg.method].sections and state != "completed":
+            from rlhf_overopt.data import check_prompts
+
+            check_prompts(cfg)  # bad prompt data costs seconds here, not a proxy training later
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"input error: {exc}", file=sys.stderr)
         return 2
     if state == "completed":
         print(f"{cfg.output_dir}: already completed; nothing to do")
