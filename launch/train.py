@@ -7,7 +7,9 @@ The config's `method` picks its driver from the method table (rlhf_overopt.confi
 module in rlhf_overopt/loops/ per driver). Configuration problems exit with status 2 and one line
 naming the key, before any work and before a run directory is created. After a completed run,
 rank 0 draws the report (<run>/report/) from the run directory, as any reader of it would.
-`--list-keys` prints every config key with its type, default and meaning.
+`--list-keys` prints every config key with its type, default and meaning; `--check` prints the
+plan of the run (models and their sizes from their config files, ranks, per-rank memory, steps,
+evaluations) without loading weights.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML experiment config (see configs/)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="resolve the config and print the plan (models and sizes from their config files, "
+                             "ranks, memory, steps, evaluations) without loading weights; start nothing")
+    parser.add_argument("--stand-in", action="append", default=[], metavar="HUB_NAME=PATH",
+                        help="with --check: read a hub name's config from a local folder of the same architecture")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied after the YAML file")
     return parser.parse_args(argv)
 
@@ -86,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_world_size(cfg, world)
+        if args.check:
+            from rlhf_overopt.preflight import describe, stand_in_map
+
+            print(describe(cfg, world, stand_in_map(args.stand_in)))
+            return 0
         if importlib.util.find_spec(f"rlhf_overopt.loops.{METHODS[cfg.method].driver}") is None:
             raise ConfigError(f"method: {cfg.method!r} is not built yet")
         if METHODS[cfg.method].rollouts:
@@ -106,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except InputError as exc:
         print(f"input error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # --check: a config file or stand-in that cannot be read
+        if not args.check:
+            raise
+        print(f"check error: {exc}", file=sys.stderr)
         return 2
     if state == "completed":
         print(f"{cfg.output_dir}: already completed; nothing to do")

@@ -136,7 +136,7 @@ def _dataset_prompts(cfg, tokenizer, required: bool) -> tuple[list[str], list[st
     d = cfg.data
     if d.chat_template and (tokenizer is not None or required):
         _require_chat_template(tokenizer)
-    splits = _open_splits(d.prompts)
+    splits = _open_splits(d.prompts, d.subset)
     train = _split_prompts(splits, d.train_split, "data.train_split", cfg, tokenizer)
     if d.eval_split:
         evaluation = _split_prompts(splits, d.eval_split, "data.eval_split", cfg, tokenizer)
@@ -160,10 +160,10 @@ def _dataset_prompts(cfg, tokenizer, required: bool) -> tuple[list[str], list[st
     return train, evaluation
 
 
-def _open_splits(name: str) -> dict[str, Any]:
+def _open_splits(name: str, subset: str = "") -> dict[str, Any]:
     """{split name: Dataset} for a local source; for a hub name, a _HubSplits that loads on demand."""
     if not is_local_source(name):
-        return _HubSplits(name)
+        return _HubSplits(name, subset)
     from datasets import Dataset, DatasetDict, load_from_disk
 
     p = Path(name).expanduser()
@@ -238,14 +238,14 @@ class _HubSplits:
     """The splits of a hub dataset, each loaded with datasets.load_dataset(name, split=...) when asked
     for; no network (or offline mode) is one line saying so."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, subset: str = ""):
+        self.name, self.subset = name, subset
 
     def get(self, split: str):
         from datasets import load_dataset
 
         try:
-            return load_dataset(self.name, split=split)
+            return load_dataset(self.name, self.subset or None, split=split)
         except (ConnectionError, TimeoutError) as exc:  # datasets re-raises hub/offline errors as these
             raise InputError(f"data.prompts: could not load {self.name} from the hub (no network?): "
                              f"{_first_line(exc)}") from None

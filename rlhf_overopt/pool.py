@@ -9,6 +9,7 @@ KL of the best-of-n choice is the analytic `log n - (n - 1)/n` (Gao et al. 2022,
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,3 +81,78 @@ def pool_samples(pool, n: int, pool_size: int) -> list[dict[str, Any]]:
             rows.append({"step": 0, "which": tag, "prompt": r["prompt"], "response": r["response"],
                          "ended": r["ended"], "gold_score": r["gold_score"], "proxy_member_scores": r["proxy_scores"]})
     return rows
+
+
+POOL_COLUMNS = {"prompt": ("prompt", "query", "instruction"), "response": ("response", "completion", "output"),
+                "gold_score": ("gold_score", "gold", "gold_reward", "gold_rm_score")}
+"""Accepted names of a scored pool's columns (first match wins)."""
+
+
+def read_scored_pool(source: str, pool_size: int, n_prompts: int) -> dict[str, Any]:
+    """An existing scored pool (e.g. Coste et al.'s released gold-scored generations) as the pool
+    columns this stage writes: prompt_index, sample, prompt, response, ended, gold_score, and
+    proxy_scores when the pool carries member scores (a `proxy_scores` list column, or
+    `member_<i>` columns), else None for the proxies to fill in.
+
+    `source` is a local file (.jsonl/.json/.csv/.parquet), a save_to_disk folder or a hub name.
+    Rows are grouped by prompt in order of first appearance; the first `n_prompts` prompts with at
+    least `pool_size` samples are kept, their first `pool_size` samples each. Raises InputError
+    naming the missing column, or how many prompts have a full pool.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    from rlhf_overopt.errors import InputError
+    from rlhf_overopt.preferences import is_hub_name
+
+    p = Path(source).expanduser()
+    try:
+        if p.is_dir():
+            data = load_from_disk(str(p))
+        elif p.is_file():
+            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix.lower())
+            if kind is None:
+                raise InputError(f"bon.pool: {p}: unsupported file type {p.suffix!r}")
+            data = load_dataset(kind, data_files=str(p), split="train")
+        elif is_hub_name(source):
+            data = load_dataset(source)
+        else:
+            raise InputError(f"bon.pool: {source}: no such file or folder")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — datasets/hub errors: one line
+        raise InputError(f"bon.pool: could not load {source}: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    if isinstance(data, DatasetDict):
+        data = data[next(iter(data))]
+    names = {}
+    for key, options in POOL_COLUMNS.items():
+        found = next((c for c in options if c in data.column_names), None)
+        if found is None:
+            raise InputError(f"bon.pool: {source} has no {key} column (any of {', '.join(options)}); "
+                             f"columns: {', '.join(data.column_names)}")
+        names[key] = found
+    member_cols = sorted((c for c in data.column_names if c.startswith("member_") and c[7:].isdigit()),
+                         key=lambda c: int(c[7:]))
+    groups: dict[str, list[int]] = {}
+    prompts = data[names["prompt"]]
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    full = [rows[:pool_size] for rows in groups.values() if len(rows) >= pool_size][:n_prompts]
+    if len(full) < n_prompts:
+        raise InputError(f"bon.pool: {source} has {len(full)} prompts with at least bon.pool_size={pool_size} "
+                         f"samples; eval.n_prompts asks for {n_prompts}")
+    rows = [i for group in full for i in group]
+    pick = data.select(rows)
+    out: dict[str, Any] = {
+        "prompt_index": [g for g, group in enumerate(full) for _ in group],
+        "sample": [j for group in full for j in range(len(group))],
+        "prompt": list(pick[names["prompt"]]), "response": list(pick[names["response"]]),
+        "ended": [bool(v) for v in pick["ended"]] if "ended" in pick.column_names else [True] * len(rows),
+        "gold_score": [float(v) for v in pick[names["gold_score"]]],
+        "proxy_scores": None,
+    }
+    if "proxy_scores" in pick.column_names:
+        out["proxy_scores"] = [list(map(float, v)) for v in pick["proxy_scores"]]
+    elif member_cols:
+        out["proxy_scores"] = [list(map(float, r)) for r in zip(*(pick[c] for c in member_cols))]
+    return out

@@ -254,6 +254,9 @@ class DataConfig:
     prompts: str = "testbed"
     """'testbed', a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or a hub name
     (loaded with datasets.load_dataset; needs a network, never used by default)."""
+    subset: str = ""
+    """Configuration name of a hub dataset (datasets.load_dataset's second argument), e.g. AlpacaFarm's
+    "alpaca_instructions"; empty for none."""
     prompt_column: str = "prompt"
     """Column holding the prompt (a string, or a list of chat messages with data.chat_template); unused with a template."""
     prompt_template: str = ""

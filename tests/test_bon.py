@@ -104,3 +104,37 @@ def test_proxies_on_a_subset_of_the_pairs(tiny_testbed, tmp_path):
     too_many = subprocess.run(cmd[:-1] + ["proxy.train_pairs=100000", f"output_dir={tmp_path / 'bad'}"], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
     assert too_many.returncode == 2 and "exceeds the" in too_many.stderr
+
+
+@pytest.mark.slow
+def test_bon_from_an_existing_scored_pool(tiny_testbed, tmp_path):
+    """bon.pool: a released gold-scored pool (here: this run's own pool, re-saved as jsonl without
+    its member scores) gives the same curves as sampling it, the proxies filling in the members."""
+    import json as _json
+
+    cache = f"testbed.cache_dir={tiny_testbed.root.parent}"
+    first = tmp_path / "sampled"
+    base = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/bon_ensemble.yaml"),
+            cache]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    assert subprocess.run(base + [f"output_dir={first}"], cwd=ROOT, env=env, capture_output=True,
+                          timeout=600).returncode == 0
+    from datasets import load_from_disk
+
+    pool = load_from_disk(str(first / "pool"))
+    released = tmp_path / "released.jsonl"
+    released.write_text("".join(_json.dumps({"prompt": r["prompt"], "completion": r["response"], "ended": r["ended"],
+                                             "gold": r["gold_score"]}) + "\n" for r in pool))
+    second = tmp_path / "from_pool"
+    result = subprocess.run(base + [f"output_dir={second}", f"bon.pool={released}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keep = ("aggregator", "n", "gold_score", "kl")
+    a, b = read_jsonl(first / "curves.jsonl"), read_jsonl(second / "curves.jsonl")
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
+    assert max(abs(x["proxy_score"] - y["proxy_score"]) for x, y in zip(a, b)) < 1e-5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "text": "b"}\n')
+    result = subprocess.run(base + [f"output_dir={tmp_path / 'bad'}", f"bon.pool={bad}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "bon.pool:" in result.stderr and "no response column" in result.stderr

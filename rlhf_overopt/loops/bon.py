@@ -1,7 +1,7 @@
 """method: bon — best-of-n against every aggregator, from one scored pool (Gao et al. 2022 §3.1).
 
     1. prompts    the held-out eval prompts (sharded over ranks)
-    2. pool       N samples per prompt from the initial policy
+    2. pool       N samples per prompt from the initial policy (or bon.pool: an existing scored pool)
     3. score      every member's proxy score (K, P, N) and gold (P, N), once
     4. save       the scored pool (pool/, a `datasets` dataset) so any curve can be recomputed
     5. curves     per aggregator and n: unbiased estimator of gold, proxy and member scores at
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import seeds
+from rlhf_overopt import dist, seeds
 from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import load_policy_model
@@ -25,7 +25,7 @@ from rlhf_overopt.evaluate import check_finite
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.models import check_vocabulary, load_tokenizer
-from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid, pool_samples
+from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid, pool_samples, read_scored_pool
 from rlhf_overopt.reward_cache import ensure_proxies
 from rlhf_overopt.rollout import generate
 from rlhf_overopt.tracking import Tracker
@@ -54,6 +54,28 @@ def run(ctx: RunContext) -> dict[str, Any]:
         # a resumed run reuses the scored pool it saved
         pool = load_from_disk(str(pool_dir))
         log.info("reusing the scored pool in %s (%d samples)", pool_dir, len(pool))
+    elif b.pool:
+        # 1-3. an existing scored pool (prompt, response, gold score; member scores when it has
+        # them, else scored here by the proxies), read on rank 0
+        pool = None
+        if info.is_main:
+            t = time.time()
+            columns = read_scored_pool(b.pool, b.pool_size, cfg.eval.n_prompts)
+            if columns["proxy_scores"] is None or len(columns["proxy_scores"][0]) != ensemble.k:
+                log.info("best-of-n: scoring the %d samples of %s with %d proxies", len(columns["prompt"]), b.pool,
+                         ensemble.k)
+                members = ensemble.score_texts(columns["prompt"], columns["response"], columns["ended"],
+                                               progress="proxy scores").float().cpu()
+                for i in range(members.shape[0]):
+                    check_finite(members[i], f"proxy member {i} score", 0)
+                columns["proxy_scores"] = members.T.tolist()
+            check_finite(torch.tensor(columns["gold_score"]), "gold score of bon.pool", 0)
+            timings["read_pool_s"] = time.time() - t
+            pool = Dataset.from_dict(columns)
+            pool.save_to_disk(str(pool_dir))
+        dist.barrier()
+        if pool is None:
+            pool = load_from_disk(str(pool_dir))
     else:
         # 1. prompts: this rank's share of the eval prompts
         policy_path = initial_policy_path(cfg, ctx.testbed)
