@@ -379,9 +379,10 @@ def world_sources(cfg: Config) -> dict[str, str]:
     {key: value} of the gold, the prompts, the preference pairs and the components."""
     sections = METHODS[cfg.method].sections
     out = {}
-    if "gold" in sections:
+    pool = cfg.method == "bon" and bool(cfg.bon.pool)  # a scored pool brings its own prompts and gold
+    if "gold" in sections and not pool:
         out["gold.path"] = cfg.gold.path
-    if "data" in sections:
+    if "data" in sections and not pool:
         out["data.prompts"] = cfg.data.prompts
     trains_proxies = "proxy" in sections and not cfg.proxy.path and cfg.method not in COMPOSITE_METHODS
     if trains_proxies:
@@ -450,7 +451,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             value = _value(cfg, key)
             require(tb.fits_context(value), key,
                     f"3 * testbed.prompt_words + {value} does not fit testbed.n_positions ({tb.n_positions})")
-    require(not method.evaluates or cfg.data.prompts != "testbed" or cfg.eval.n_prompts <= tb.n_eval_prompts,
+    pool = cfg.method == "bon" and bool(cfg.bon.pool)  # a scored pool brings its own prompts and gold
+    require(not method.evaluates or pool or cfg.data.prompts != "testbed" or cfg.eval.n_prompts <= tb.n_eval_prompts,
             "eval.n_prompts",
             f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
     if "data" in method.sections and cfg.data.prompts != "testbed":

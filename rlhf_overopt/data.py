@@ -323,6 +323,9 @@ def rows_to_prompts(data, d, source: str, tokenizer=None) -> list[str]:
             raise InputError(f"{source}: no column {d.prompt_column!r} (data.prompt_column); "
                              f"columns: {', '.join(columns)}")
         raw = list(data[d.prompt_column])
+    if d.prompt_words:
+        # the opening words of a text as its prompt: IMDB sentiment continuation takes a review's first words
+        raw = [" ".join(v.split(" ")[: d.prompt_words]) if isinstance(v, str) else v for v in raw]
     return [_chat(tokenizer, v, source, i) if d.chat_template else _text(v, source, i) for i, v in enumerate(raw)]
 
 

@@ -263,6 +263,8 @@ class DataConfig:
     """Python format string over the row's columns, e.g. "{instruction}\n\n{input}" (AlpacaFarm); a
     paragraph whose fields are all empty is left out, as AlpacaFarm does for an empty input (blank lines:
     a double-quoted YAML string's escapes, or real newlines on a command line, e.g. bash $'...')."""
+    prompt_words: int = 0
+    """Keep only the first prompt_words words of each prompt (IMDB continuation prompts); 0 keeps all."""
     chat_template: bool = False
     """Apply the policy tokenizer's chat template (add_generation_prompt=True) to each prompt."""
     train_split: str = "train"
@@ -277,6 +279,7 @@ class DataConfig:
         require(bool(self.prompt_column) or bool(self.prompt_template), "data.prompt_column",
                 "must not be empty (or give data.prompt_template)")
         require(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+        require(self.prompt_words >= 0, "data.prompt_words", f"must be >= 0, got {self.prompt_words}")
         require(bool(self.train_split), "data.train_split", "must not be empty")
         require(not (self.eval_split and self.eval_size), "data.eval_size",
                 f"give data.eval_split ({self.eval_split!r}) or data.eval_size, not both")
