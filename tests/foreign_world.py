@@ -97,3 +97,11 @@ def build(root: Path) -> dict[str, Path]:
     return {"policy": neox_policy(root / "policy"), "gold": llama_model(root / "gold", kind="classifier"),
             "proxy_backbone": llama_model(root / "proxy_backbone", kind="causal", seed=3),
             "prompts": instruction_prompts(root / "prompts.jsonl")}
+
+
+if __name__ == "__main__":
+    import sys
+
+    paths = build(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/foreign_world/models"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
