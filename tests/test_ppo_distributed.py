@@ -67,3 +67,39 @@ def test_group_update_two_ranks_equal_one_rank(tmp_path, stage, normalization):
     worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in policy_keys)
     assert worst < 1e-5, f"largest parameter difference {worst}"
     assert one["stats"]["approx_kl"] > 0 and one["stats"]["kl_ref_k3"] > 0
+
+
+def launch_two_nodes(out: Path, stage: int, tmp_path: Path, port: int) -> dict:
+    """Two "nodes" on localhost, one rank each, as on a cluster without ssh between nodes (Slurm):
+    every node runs the DeepSpeed launcher with the same hostfile, `--no_ssh` and its `--node_rank`."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def node(rank: int) -> list[str]:
+        return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr",
+                "127.0.0.1", "--master_port", str(port), str(SCRIPT), str(out), str(stage)]
+
+    other = subprocess.Popen(node(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        result = subprocess.run(node(0), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        other.wait(timeout=120)
+    assert result.returncode == 0 and other.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(next(x for x in result.stdout.splitlines() if x.startswith("{")))
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_two_ranks_and_one_rank(tmp_path):
+    """The multi-node launch (hostfile, --no_ssh --node_rank) gives the same parameters after a PPO
+    update at ZeRO-2 as two ranks on one node, and as one rank."""
+    nodes = launch_two_nodes(tmp_path / "nodes.pt", 2, tmp_path, 29620)
+    launch(tmp_path / "ranks.pt", 2, 2)
+    launch(tmp_path / "one.pt", 2, 1)
+    assert nodes["world"] == 2
+    a, b, c = (torch.load(tmp_path / f"{n}.pt") for n in ("nodes", "ranks", "one"))
+    worst_ranks = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    worst_one = max((a["params"][k] - c["params"][k]).abs().max().item() for k in a["params"])
+    print(f"two nodes vs two ranks: {worst_ranks:.3g}; two nodes vs one rank: {worst_one:.3g}")
+    assert worst_ranks == 0.0, worst_ranks  # the same two processes, the same arithmetic
+    assert worst_one < 1e-5, worst_one
