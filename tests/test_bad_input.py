@@ -257,8 +257,11 @@ def test_missing_prompt_column_stops_before_proxies(tiny_testbed, tmp_path):
     out = tmp_path / "run"
     result = run_cli(TINY_PPO, f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}",
                      f"data.prompts={prompts}", "data.prompt_column=nope", "data.eval_size=8", "eval.n_prompts=8")
-    assert_clean_failure(result, out, "no column 'nope' (data.prompt_column); columns: text")
-    assert not (out / "proxies.json").exists() and "proxies" not in result.stderr  # no proxy was loaded or trained
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "no column 'nope' (data.prompt_column); columns: text" in errors[0], result.stderr
+    # checked by the entry point before any work: no run directory, no proxy loaded or trained
+    assert not out.exists() and "proxies" not in result.stderr
 
 
 @pytest.mark.slow

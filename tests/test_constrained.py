@@ -423,7 +423,7 @@ def test_constrained_ppo_two_ranks_zero2(tiny_testbed, tmp_path):
     assert [r["step"] for r in rows] == [0, 2] and rows[0]["n_eval"] == 16
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     # the multipliers stepped on the all-reduced constraint values, and the policy moved
-    assert rows[-1]["multiplier_params"] != rows[0]["multiplier_params"] and rows[-1]["kl"] > 0
+    assert rows[-1]["multiplier_params"] != rows[0]["multiplier_params"] and rows[-1]["kl"] != rows[0]["kl"]
     # the same 2-rank run again gives the same curves: gathers and all-reduces are deterministic
     again = tmp_path / "again"
     train("constrained_ppo", f"output_dir={again}", "deepspeed.zero_stage=2", "ppo.steps=2",

@@ -98,7 +98,7 @@ def test_grpo_two_ranks_cli(tiny_testbed, tmp_path):
 
 def test_grpo_config_errors_before_any_work(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny" /
-           "grpo_ensemble.yaml"), f"output_dir={tmp_path / 'x'}", "ppo.batch_size=10"]
+           "grpo_ensemble.yaml"), f"output_dir={tmp_path / 'x'}", "ppo.batch_size=12", "ppo.mini_batch_size=6", "grpo.group_size=8"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "grpo.group_size" in result.stderr
     assert not (tmp_path / "x").exists()

@@ -439,6 +439,7 @@ ENSEMBLE_E2E_SCRIPT = E2E_SETUP + r"""
 from transformers import GPT2ForSequenceClassification
 
 from rlhf_overopt.ensemble import ProxyEnsemble
+from rlhf_overopt.members import SeparateMembers
 from rlhf_overopt.trl_rewards import EnsembleReward
 
 # a real (untrained) proxy ensemble: three independent tiny GPT-2 reward models, raw scores
@@ -448,8 +449,8 @@ for i in range(3):
     members.append(GPT2ForSequenceClassification(GPT2Config(
         vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=1,
         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval())
-ensemble = ProxyEnsemble("independent", tok, [f"member_{i}" for i in range(3)], models=members, max_length=32,
-                         standardize=False)
+ensemble = ProxyEnsemble(SeparateMembers("independent", [f"member_{i}" for i in range(3)], members), tok,
+                         max_length=32, standardize=False)
 result = {}
 for kind, config, trainer_cls, aggregator in (("grpo", GRPOConfig, GRPOTrainer, "uwo"),
                                               ("rloo", RLOOConfig, RLOOTrainer, "wco")):

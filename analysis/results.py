@@ -1,0 +1,182 @@
+"""The records behind the README's numbers, and the README regenerated from them.
+
+    python -m analysis.results --collect NAME RUN_OR_SWEEP_DIR ...   copy a run's small records into results/NAME/
+    python -m analysis.results --write                               README tables (between markers) and figures
+    python -m analysis.results --check                               exit 1 when the README differs from the records
+
+`results/experiments.yaml` lists each experiment: the command that remakes its runs, where its
+records are, how its table is built, and its figure. A record is what a run directory holds that
+is small — `config.yaml` (resolved config with git SHA and library versions), `curves.jsonl`,
+`summary.json` — never checkpoints or weights. The README holds each table between
+`<!-- results:NAME -->` and `<!-- /results:NAME -->`; `--check` rebuilds every table from
+results/ and compares, so a number typed into the README by hand fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from analysis.load import find_run_dirs, load_runs
+from analysis.seeds import Pooled, group_by_setting, pooled_curve, pooled_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+README = ROOT / "README.md"
+RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json")
+
+
+def experiments(results: Path = RESULTS) -> dict[str, dict]:
+    """The experiments of results/experiments.yaml, by name."""
+    return yaml.safe_load((results / "experiments.yaml").read_text(encoding="utf-8")) or {}
+
+
+def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[Path]:
+    """Copy the records of every run under `sources` into results/<name>/<run>/; returns them."""
+    out = []
+    for source in sources:
+        for run in find_run_dirs(source):
+            target = results / name / run.name
+            target.mkdir(parents=True, exist_ok=True)
+            for f in RECORD_FILES:
+                if (run / f).exists():
+                    shutil.copyfile(run / f, target / f)
+            out.append(target)
+    return out
+
+
+def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
+    """RL runs pooled over seeds per (method, aggregator): peak gold (d at peak), final gold, drop and
+    gold at each matched distance, as mean ± std [95% bootstrap interval], and which pairs of rows'
+    final-gold intervals overlap."""
+    at = [float(x) for x in spec.get("at", [4, 8])]
+    curves = load_runs([results / spec["name"]])
+    groups = group_by_setting(curves)
+    lines = ["| method | aggregator | seeds | peak gold | d at peak | final gold | drop | "
+             + " | ".join(f"gold at d = {x:g}" for x in at) + " |", "|" + "---|" * (7 + len(at))]
+    finals: dict[tuple[str, str], Pooled] = {}
+    for (method, agg), group in groups.items():
+        s = pooled_summary(group, at)
+        finals[(method, agg)] = s["final"]
+        cells = [method, agg, str(len(group)), s["peak"].text(), f"{s['d_peak'].mean:.1f}", s["final"].text(),
+                 f"{s['drop'].mean:.2f}", *("—" if s[f"gold_at_{x:g}"] is None else s[f"gold_at_{x:g}"].text()
+                                          for x in at)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for method in sorted({m for m, _ in groups}):
+        single = next((k for k in finals if k[0] == method and k[1].startswith("member_")), None)
+        if single is None:
+            continue
+        for key, pooled in finals.items():
+            if key[0] == method and key != single:
+                verdict = "overlap" if pooled.overlaps(finals[single]) else "do not overlap"
+                notes.append(f"{method}: final gold of {key[1]} vs {single[1]}: intervals {verdict}")
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """Gold and proxy against the step (mean ± std band over seeds) and gold along the mean
+    trajectory in d, per (method, aggregator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_by_setting(load_runs([results / spec["name"]]))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    styles = {m: s for m, s in zip(sorted({m for m, _ in groups}), ("-", "--", ":", "-."))}
+    colors = {a: f"C{i}" for i, a in enumerate(sorted({a for _, a in groups}))}
+    for (method, agg), group in groups.items():
+        kw = {"linestyle": styles[method], "color": colors[agg], "label": f"{method} {agg} ({len(group)} seeds)"}
+        steps, gold, gold_sd = pooled_curve(group, "gold")
+        _, proxy, proxy_sd = pooled_curve(group, "proxy")
+        _, d, _ = pooled_curve(group, "sqrt_kl")
+        axes[0].plot(steps, gold, marker="o", markersize=3, **kw)
+        axes[0].fill_between(steps, gold - gold_sd, gold + gold_sd, color=colors[agg], alpha=0.12)
+        axes[1].plot(d, gold, marker="o", markersize=3, **kw)
+        axes[2].plot(steps, proxy, marker="o", markersize=3, **kw)
+        axes[2].fill_between(steps, proxy - proxy_sd, proxy + proxy_sd, color=colors[agg], alpha=0.12)
+    for ax, (x, y, title) in zip(axes, (("training step", "gold - initial", "gold (mean ± std over seeds)"),
+                                         ("sqrt(KL(pi || pi_init)), mean over seeds", "gold - initial",
+                                          "gold along the mean trajectory"),
+                                         ("training step", "proxy (optimized) - initial", "proxy (mean ± std)"))):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+TABLES = {"rl_seeds": rl_seeds_table}
+FIGURES = {"rl_seeds": rl_seeds_figure}
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+
+
+def readme_block(text: str, name: str) -> str | None:
+    """The README text between an experiment's markers, or None when it has none."""
+    start, end = _markers(name)
+    if start not in text or end not in text:
+        return None
+    return text[text.index(start) + len(start):text.index(end)].strip("\n")
+
+
+def replace_block(text: str, name: str, table: str) -> str:
+    start, end = _markers(name)
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + table.strip("\n") + "\n" + text[j:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.results", description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--collect", nargs="+", metavar=("NAME", "DIR"), help="copy run records into results/NAME")
+    group.add_argument("--write", action="store_true", help="regenerate the README tables and the figures")
+    group.add_argument("--check", action="store_true", help="fail when the README differs from the records")
+    parser.add_argument("--readme", default=str(README), help=argparse.SUPPRESS)
+    parser.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    results, readme = Path(args.results), Path(args.readme)
+    if args.collect:
+        name, *sources = args.collect
+        copied = collect(name, sources, results)
+        print(f"{len(copied)} run(s) recorded in {results / name}")
+        return 0 if copied else 2
+    text = readme.read_text(encoding="utf-8")
+    failures = []
+    for name, spec in experiments(results).items():
+        spec = {"name": name, **spec}
+        table = TABLES[spec["kind"]](spec, results)
+        block = readme_block(text, name)
+        if block is None:
+            failures.append(f"{name}: the README has no {_markers(name)[0]} ... {_markers(name)[1]} block")
+            continue
+        if args.write:
+            text = replace_block(text, name, table)
+            if spec.get("figure"):
+                FIGURES[spec["kind"]](spec, ROOT / spec["figure"], results)
+        elif block.strip() != table.strip():
+            failures.append(f"{name}: the README's table differs from what results/{name} gives "
+                            "(python -m analysis.results --write regenerates it)")
+    if args.write:
+        readme.write_text(text, encoding="utf-8")
+    for f in failures:
+        print(f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
