@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launch.supervisor import (
+from launch.supervisor import (  # the local runner's lock test and outcome rule
     LOG_DIR,
     REPO_ROOT,
     PlannedRun,
@@ -55,6 +55,8 @@ from launch.supervisor import (
     SweepError,
     SweepInterrupted,
     SweepState,
+    _lock_busy,
+    _outcome,
     build_command,
     cluster_launcher,
     free_port,
@@ -62,7 +64,6 @@ from launch.supervisor import (
     refresh_action,
     try_lock,
 )
-from launch.supervisor import _lock_busy, _outcome  # noqa: PLC2701 - the same outcome rule as the local runner
 from rlhf_overopt.config import ConfigError
 
 log = logging.getLogger("launch.executor")

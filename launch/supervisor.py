@@ -62,9 +62,10 @@ from rlhf_overopt.runs import atomic_write_json, file_lock, read_jsonl
 # The planning API of launch/sweep_plan.py plus this module's runner, state and progress view.
 __all__ = [
     "LOCK_DIR", "LOG_DIR", "REPO_ROOT", "STATE_FILE", "TRAIN_SCRIPT", "PlannedRun", "ProgressView",
-    "RunProgress", "Sweep", "SweepError", "SweepInterrupted", "SweepRunner", "SweepState", "build_command",
-    "expand_grid", "free_port", "load_sweep", "override_item", "plan_runs", "read_last_eval",
-    "refresh_action", "render_progress", "Resources", "cluster_command", "cluster_launcher", "run_names", "sweep_dir", "try_lock", "wandb_sweep_spec",
+    "Resources", "RunProgress", "Sweep", "SweepError", "SweepInterrupted", "SweepRunner", "SweepState",
+    "build_command", "cluster_command", "cluster_launcher", "expand_grid", "free_port", "load_sweep",
+    "override_item", "plan_runs", "read_last_eval", "refresh_action", "render_progress", "run_names",
+    "sweep_dir", "try_lock", "wandb_sweep_spec",
 ]
 
 log = logging.getLogger("launch.supervisor")

@@ -439,8 +439,8 @@ def test_bad_resources_key_is_a_one_line_error(tmp_path: Path) -> None:
     result = sweep_cli("--config", str(path), "--runs-root", str(tmp_path / "runs"), "--executor", "slurm")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "config error: resources.gpu_per_node: unknown resources key (known: gpus_per_node, nodes, cpus_per_task, "
-        "mem_gb, timeout_min, partition, account, constraint)"]
+        ("config error: resources.gpu_per_node: unknown resources key (known: gpus_per_node, nodes, cpus_per_task, "
+         "mem_gb, timeout_min, partition, account, constraint)")]
     good = write_sweep(tmp_path, {"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"seed": [1, 2]},
                                   "resources": {"gpus_per_node": 8, "nodes": 2, "partition": "gpu"}}, "good.yaml")
     assert load_sweep(good).resources.nodes == 2
