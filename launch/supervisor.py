@@ -41,9 +41,12 @@ from launch.sweep_plan import (
     REPO_ROOT,
     TRAIN_SCRIPT,
     PlannedRun,
+    Resources,
     Sweep,
     SweepError,
     build_command,
+    cluster_command,
+    cluster_launcher,
     expand_grid,
     load_sweep,
     override_item,
@@ -59,9 +62,10 @@ from rlhf_overopt.runs import atomic_write_json, file_lock, read_jsonl
 # The planning API of launch/sweep_plan.py plus this module's runner, state and progress view.
 __all__ = [
     "LOCK_DIR", "LOG_DIR", "REPO_ROOT", "STATE_FILE", "TRAIN_SCRIPT", "PlannedRun", "ProgressView",
-    "RunProgress", "Sweep", "SweepError", "SweepInterrupted", "SweepRunner", "SweepState", "build_command",
-    "expand_grid", "free_port", "load_sweep", "override_item", "plan_runs", "read_last_eval",
-    "refresh_action", "render_progress", "run_names", "sweep_dir", "try_lock", "wandb_sweep_spec",
+    "Resources", "RunProgress", "Sweep", "SweepError", "SweepInterrupted", "SweepRunner", "SweepState",
+    "build_command", "cluster_command", "cluster_launcher", "expand_grid", "free_port", "load_sweep",
+    "override_item", "plan_runs", "read_last_eval", "refresh_action", "render_progress", "run_names",
+    "sweep_dir", "try_lock", "wandb_sweep_spec",
 ]
 
 log = logging.getLogger("launch.supervisor")
@@ -161,15 +165,27 @@ class SweepState:
     def run_lock_path(self, name: str) -> Path:
         return self.folder / LOCK_DIR / f"{name}.lock"
 
-    def start_attempt(self, run: PlannedRun, action: str, pid: int, command: list[str]) -> None:
+    def start_attempt(self, run: PlannedRun, action: str, pid: int | None, command: list[str],
+                      job_id: str | None = None) -> None:
+        """A run was started (the local runner: `pid`) or submitted (an executor: `job_id`)."""
         with self.update() as data:
             entry = data["runs"][run.name]
-            entry["status"] = "running"
-            entry["attempts"].append({
+            entry["status"] = "running" if job_id is None else "submitted"
+            attempt = {
                 "invocation": self.invocation, "action": action, "pid": pid, "command": command,
                 "started_at": _now(), "started_at_unix": round(time.time(), 3),
                 "ended_at": None, "elapsed_s": None, "returncode": None, "outcome": None,
-            })
+            }
+            if job_id is not None:
+                attempt["job_id"] = job_id
+            entry["attempts"].append(attempt)
+
+    def record_submission(self, submission: dict[str, Any], job_ids: dict[str, str]) -> None:
+        """An executor's submission (executor, folder, parameters) and the job id of each run it took."""
+        with self.update() as data:
+            invocation = data["invocations"][self.invocation]
+            record = invocation.setdefault("submission", {**submission, "job_ids": {}})
+            record["job_ids"].update(job_ids)
 
     def end_attempt(self, run: PlannedRun, returncode: int | None, outcome: str, elapsed: float,
                     last_eval: dict[str, Any] | None) -> None:

@@ -3,12 +3,20 @@
     python launch/sweep.py --config configs/sweeps/kl_sweep.yaml [--parallel N]
         [--launcher "deepspeed --num_gpus 2"] [--name NAME] [--runs-root runs] [--dry-run]
         [--wandb-sweep sweep.yaml] [--no-report] [key.sub=value ...] [--select key=value ...]
+        [--executor local|slurm]
 
 Runs land in ``<runs-root>/<sweep name>/<run name>``; ``sweep.json`` there records every attempt,
 ``logs/<run>.log`` each run's output, ``report/`` the table and frontier plots. Running the same
 command again skips completed runs, resumes interrupted ones and rebuilds the report.
 ``key.sub=value`` items apply to every run (e.g. ``ppo.steps=50``); ``--select`` restricts the
 sweep to the grid points with the given values (``--select aggregate.name=uwo``).
+
+Without ``--executor`` the runs are local processes, ``--parallel`` at a time (launch/supervisor.py).
+``--executor local|slurm`` submits them through submitit instead, as a job array of one run per
+task (launch/executor.py): ``local`` as local processes, ``slurm`` with the sweep file's
+``resources`` (gpus_per_node, nodes, cpus_per_task, mem_gb, timeout_min, partition, account,
+constraint); ``--parallel`` is the array's parallelism. Either way the run directories say what
+is left to do, so the same command again skips completed runs and resumes interrupted ones.
 
 Exit status: 0 when every run completed (or for --dry-run / --wandb-sweep), 1 when a run failed
 or another process holds a run, 2 for a bad sweep file or config (before any run starts), 130
@@ -63,6 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="skip the analysis report at the end")
     parser.add_argument("--select", nargs="+", default=[], metavar="KEY=VALUE",
                         help="only the grid points with these values of grid keys")
+    parser.add_argument("--executor", choices=("local", "slurm"), default=None,
+                        help="submit the runs through submitit as a job array (default: local processes)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     return parser.parse_args(argv)
 
@@ -127,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sweep = load_sweep(args.config, args.overrides, name=args.name)
-        runs = plan_runs(sweep, args.runs_root, threads_per_run=threads_per_run(args.parallel),
-                         select=args.select)
+        # A Slurm task has its node(s) to itself: the config's thread count, not a share of this machine.
+        threads = 0 if args.executor == "slurm" else threads_per_run(args.parallel)
+        runs = plan_runs(sweep, args.runs_root, threads_per_run=threads, select=args.select)
     except SweepError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -144,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     folder = sweep_dir(sweep, args.runs_root)
-    runner = SweepRunner(sweep, runs, folder, parallel=args.parallel, launcher=args.launcher,
-                         argv=[sys.argv[0], *argv])
     try:
+        if args.executor:
+            from launch.executor import ExecutorRunner
+
+            runner = ExecutorRunner(sweep, runs, folder, executor=args.executor, parallel=args.parallel,
+                                    launcher=args.launcher, argv=[sys.argv[0], *argv])
+        else:
+            runner = SweepRunner(sweep, runs, folder, parallel=args.parallel, launcher=args.launcher,
+                                 argv=[sys.argv[0], *argv])
         statuses = runner.run()
     except SweepInterrupted:
         return 130

@@ -8,6 +8,9 @@ A sweep file names a base experiment config and a grid of config keys::
       aggregate.name: [member_0, mean, wco, uwo]
       ppo.kl_coef: [0.003, 0.01, 0.03, 0.1]
     set: {ppo.steps: 100}             # optional fixed overrides for every run
+    resources:                        # optional; what each run gets under --executor slurm
+      {gpus_per_node: 8, nodes: 1, cpus_per_task: 32, mem_gb: 400, timeout_min: 1440,
+       partition: gpu, account: my_lab, constraint: h100}
 
 Each grid point becomes one run of ``launch/train.py`` in ``<runs root>/<sweep name>/<run name>``,
 where the run name is built from the varied keys only (``uwo-kl_coef0.01``). Every run of a sweep
@@ -17,8 +20,9 @@ Before any run starts, every expanded config is loaded and validated (`load_conf
 directory is checked against it (`check_run_dir`); one bad value stops the sweep with one line
 naming the run and the key. `plan_runs` does that and decides, from the run directory alone,
 whether each run is new, to be resumed or already completed; `build_command` is the command line
-of one run and `wandb_sweep_spec` the equivalent W&B sweep. Running the plan is
-launch/supervisor.py's job. Nothing here starts a process or imports a training loop.
+of one run, `cluster_command` the same run as a cluster task starts it (the launcher its
+`resources` imply) and `wandb_sweep_spec` the equivalent W&B sweep. Running the plan is
+launch/supervisor.py's job (launch/executor.py's under submitit). Nothing here starts a process or imports a training loop.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from rlhf_overopt.runs import check_run_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
 
-SWEEP_FILE_KEYS = ("base", "name", "grid", "set", "description")
+SWEEP_FILE_KEYS = ("base", "name", "grid", "set", "description", "resources")
 # Keys the sweep itself decides for every run; a grid or `set` may not vary them.
 SWEEP_OWNED_KEYS = ("output_dir", "name", "resume", "wandb.group")
 # Keys that must be the same for every run of a sweep (a grid may not vary them).
@@ -57,6 +61,45 @@ class SweepError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The sweep file
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The sweep file's `resources`: what one run (one task of the job array) asks Slurm for."""
+
+    gpus_per_node: int = 0
+    nodes: int = 1
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int = 24 * 60
+    partition: str | None = None
+    account: str | None = None
+    constraint: str | None = None
+
+
+_RESOURCE_TYPES: dict[str, tuple[type, ...]] = {
+    "gpus_per_node": (int,), "nodes": (int,), "cpus_per_task": (int,), "mem_gb": (int, float),
+    "timeout_min": (int,), "partition": (str,), "account": (str,), "constraint": (str,),
+}
+
+
+def parse_resources(data: Any) -> Resources:
+    """Check the sweep file's `resources` mapping; an unknown key or a bad value is one line."""
+    if data is None:
+        return Resources()
+    if not isinstance(data, dict):
+        raise SweepError(f"resources: must be a mapping of {', '.join(_RESOURCE_TYPES)}")
+    for key, value in data.items():
+        if key not in _RESOURCE_TYPES:
+            raise SweepError(f"resources.{key}: unknown resources key (known: {', '.join(_RESOURCE_TYPES)})")
+        types = _RESOURCE_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise SweepError(f"resources.{key}: must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+        if types[0] is not str and value < (1 if key in ("nodes", "timeout_min", "cpus_per_task") else 0):
+            raise SweepError(f"resources.{key}: out of range, got {value!r}")
+    if data.get("nodes", 1) > 1 and data.get("gpus_per_node", 0) < 1:
+        raise SweepError("resources.nodes: several nodes need gpus_per_node >= 1 (DeepSpeed runs one rank per GPU)")
+    return Resources(**data)
 
 
 @dataclass(frozen=True)
@@ -77,6 +120,8 @@ class Sweep:
     """`key=value` items from the command line, applied to every run after `set`."""
     description: str = ""
     """Free text from the sweep file."""
+    resources: Resources = field(default_factory=Resources)
+    """What each run gets as a cluster task (`--executor slurm`)."""
 
     @property
     def varied_keys(self) -> list[str]:
@@ -157,6 +202,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), name: str
         fixed={str(k): v for k, v in fixed.items()},
         overrides=tuple(overrides),
         description=str(data.get("description") or ""),
+        resources=parse_resources(data.get("resources")),
     )
 
 
@@ -392,6 +438,36 @@ def build_command(
                                                             for p in parts):
             parts.insert(1, f"--master_port={port}")
     return [*parts, *args]
+
+
+def cluster_launcher(
+    resources: Resources,
+    *,
+    port: int,
+    node_rank: int = 0,
+    master_addr: str = "",
+    hostfile: str = "",
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv prefix that starts one run on the node(s) `resources` give a task.
+
+    No GPU: the plain interpreter, as the local runner. One node: ``deepspeed --num_gpus <g>``
+    with its own master port (array tasks may share a node). Several nodes: every node's task
+    runs the DeepSpeed launcher on the same hostfile without ssh, with its own node rank
+    (Slurm's ``$SLURM_NODEID``) and the first node as master.
+    """
+    if resources.nodes > 1:
+        return ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node_rank),
+                "--master_addr", master_addr, "--master_port", str(port)]
+    if resources.gpus_per_node >= 1:
+        return ["deepspeed", "--num_gpus", str(resources.gpus_per_node), "--master_port", str(port)]
+    return [python]
+
+
+def cluster_command(run: PlannedRun, base: Path, action: str, resources: Resources, **launcher: Any) -> list[str]:
+    """The full argv of one run as a cluster task starts it: `cluster_launcher` + the train arguments
+    exactly as `build_command` gives them (``resume=true`` for a run to resume)."""
+    return [*cluster_launcher(resources, **launcher), *build_command(run, base, action)[1:]]
 
 # ---------------------------------------------------------------------------------------------
 # The equivalent W&B sweep

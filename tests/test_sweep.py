@@ -337,3 +337,110 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
     # changing a value under completed runs is refused up front
     changed = sweep_cli(*args, "ppo.lr=0.5", "--dry-run")
     assert changed.returncode == 2 and "differs from the run being resumed" in changed.stderr
+
+
+# ---------------------------------------------------------------- submitit executors
+
+
+def _curves_without_times(run_dir: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in read_jsonl(run_dir / "curves.jsonl")]
+
+
+@pytest.mark.slow
+def test_local_executor_gives_the_same_run_directories_as_the_process_runner(tmp_path: Path, tiny_testbed) -> None:
+    common = ["--config", str(TINY_SWEEP), "--no-report", "--parallel", "2", "--select", "aggregate.name=uwo",
+              "--", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    folders = {}
+    for mode, extra in (("processes", []), ("submitit", ["--executor", "local"])):
+        runs_root = tmp_path / mode
+        folders[mode] = runs_root / "tiny_kl_sweep"
+        result = sweep_cli("--runs-root", str(runs_root), *extra, *common, folder=folders[mode])
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = sorted(p.name for p in folders["processes"].iterdir() if (p / "curves.jsonl").is_file())
+    assert names == ["uwo-kl_coef0.01", "uwo-kl_coef0.1"]
+    assert sorted(p.name for p in folders["submitit"].iterdir() if (p / "curves.jsonl").is_file()) == names
+    for name in names:
+        assert _summary_status(folders["submitit"] / name) == "completed"
+        assert _curves_without_times(folders["submitit"] / name) == _curves_without_times(folders["processes"] / name)
+    state = _state(folders["submitit"])
+    submission = state["invocations"][0]["submission"]
+    assert submission["executor"] == "local" and set(submission["job_ids"]) == set(names)
+    for name in names:
+        (attempt,) = state["runs"][name]["attempts"]
+        assert attempt["job_id"] == submission["job_ids"][name] and attempt["outcome"] == "completed"
+        assert "num_threads=1" in attempt["command"]  # the same command as the process runner's
+    assert (folders["submitit"] / "submitit").is_dir()
+
+
+@pytest.mark.slow
+def test_local_executor_killed_then_resubmitted_completes_every_run_once(tmp_path: Path, tiny_testbed) -> None:
+    """SIGKILL the sweep's process group (the sweep, submitit's job controllers and the runs) once
+    the first run has completed and the second has logged an evaluation; submit again."""
+    runs_root = tmp_path / "runs"
+    folder = runs_root / "tiny_kl_sweep"
+    args = ["--config", str(TINY_SWEEP), "--runs-root", str(runs_root), "--no-report", "--executor", "local",
+            "--select", "aggregate.name=member_0", "--", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    names = ["member_0-kl_coef0.01", "member_0-kl_coef0.1"]
+    first, second = folder / names[0], folder / names[1]
+    proc = subprocess.Popen([sys.executable, str(SWEEP_CLI), *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def first_done_second_started() -> bool:
+        runs = _state(folder).get("runs", {})
+        return runs.get(names[0], {}).get("status") == "completed" and (second / "curves.jsonl").exists()
+
+    try:
+        wait_until(first_done_second_started, f"{names[0]} to complete and {names[1]} to log an evaluation",
+                   proc=proc, folder=folder)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _summary_status(first) == "completed" and _summary_status(second) == "running"
+    first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+
+    result = sweep_cli(*args, folder=folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in names:
+        assert _summary_status(folder / name) == "completed", name
+        assert [row["step"] for row in read_jsonl(folder / name / "curves.jsonl")] == [0, 2, 4], name
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
+
+    state = _state(folder)
+    _, again = state["invocations"]
+    assert again["skipped_completed"] == [names[0]] and names[0] not in again["submission"]["job_ids"]
+    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[0]]["attempts"]] == [
+        (0, "new", "completed")]
+    attempts = state["runs"][names[1]]["attempts"]
+    assert [(a["invocation"], a["action"], a["outcome"]) for a in attempts] == [
+        (0, "new", "interrupted"), (1, "resume", "completed")]
+    assert attempts[1]["command"][-1] == "resume=true"
+    assert attempts[1]["job_id"] == again["submission"]["job_ids"][names[1]]
+
+
+def test_slurm_commands_for_one_and_several_nodes(tmp_path: Path) -> None:
+    from launch.supervisor import Resources, cluster_command
+
+    sweep = load_sweep(TINY_SWEEP)
+    run = plan_runs(sweep, tmp_path / "runs")[0]
+    train = [str(ROOT / "launch" / "train.py"), "--config", str(sweep.base), *run.overrides]
+    one = cluster_command(run, sweep.base, "new", Resources(gpus_per_node=2), port=29611)
+    assert one == ["deepspeed", "--num_gpus", "2", "--master_port", "29611", *train]
+    two = cluster_command(run, sweep.base, "resume", Resources(gpus_per_node=8, nodes=2), port=31000,
+                          node_rank=1, master_addr="gpu-a01", hostfile="/s/submitit/hostfiles/77")
+    assert two == ["deepspeed", "--hostfile", "/s/submitit/hostfiles/77", "--no_ssh", "--node_rank", "1",
+                   "--master_addr", "gpu-a01", "--master_port", "31000", *train, "resume=true"]
+    assert cluster_command(run, sweep.base, "new", Resources(), port=1, python="python") == ["python", *train]
+
+
+def test_bad_resources_key_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"seed": [1, 2]},
+                                  "resources": {"gpus_per_node": 2, "gpu_per_node": 2}})
+    result = sweep_cli("--config", str(path), "--runs-root", str(tmp_path / "runs"), "--executor", "slurm")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        ("config error: resources.gpu_per_node: unknown resources key (known: gpus_per_node, nodes, cpus_per_task, "
+         "mem_gb, timeout_min, partition, account, constraint)")]
+    good = write_sweep(tmp_path, {"base": "configs/tiny/ppo_ensemble.yaml", "grid": {"seed": [1, 2]},
+                                  "resources": {"gpus_per_node": 8, "nodes": 2, "partition": "gpu"}}, "good.yaml")
+    assert load_sweep(good).resources.nodes == 2
