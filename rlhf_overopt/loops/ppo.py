@@ -67,8 +67,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                           total_updates=plan.total_updates, value_path=value_path, device=info.device)
     policy, kl_ctl = actors.policy, kl_controller(p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
     counts = actors.parameter_counts()
-    log.info("policy: %d parameters, %d on this rank (ZeRO-%d, %d rank(s))", counts["policy_total_params"],
-             counts["policy_local_params"], stage, info.world_size)
+    log.info("policy: %d parameters (%d trained), %d on this rank (ZeRO-%d, %d rank(s))",
+             counts["policy_total_params"], counts["policy_trainable_params"], counts["policy_local_params"], stage,
+             info.world_size)
 
     # resume from the last complete checkpoint
     ckpt = Checkpointer(ctx.run.checkpoints)
