@@ -17,6 +17,11 @@ download), fed with the testbed's tokenizer and prompts (its token ids are all b
                         / seconds / bf16 matmul peak
     ensemble      proxy scoring of the rollout by a ProxyEnsemble of K = 1 and K = 5 untrained
                   GPT-2 medium reward models (bf16), the ratio K=5 / K=1
+    checkpointing the update above with gradient checkpointing (Chen et al. 2016) on policy and
+                  value backbone (`engines.enable_gradient_checkpointing`): step time and peak
+                  allocated memory (models, optimizer states, activations) with and without
+    lora          peak allocated memory of the update with a LoRA policy (Hu et al. 2021,
+                  `engines.lora_policy`, r = LORA_R, all linear layers) against the full policy
 
 All timings synchronize the device before reading the clock; medians over the context's repeats.
 --quick shrinks the model to 4 x 256 and the batches to a few rows.
@@ -36,6 +41,8 @@ from bench.common import BenchContext, Row, median_time
 TITLE = "GPU"
 SECTION = "gpu"
 MFU_TARGET = 0.25
+LORA_R = 16
+"""LoRA rank of the GPU memory comparison."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,82 @@ def measure_update(ctx: BenchContext, config, ro, device: torch.device, s: Sizes
                 note=f"{flops / seconds / 1e12:.1f} TFLOP/s")]
 
 
+def peak_allocated(device: torch.device) -> int:
+    """Peak bytes allocated on `device` since the last reset (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def update_variant(ctx: BenchContext, config, ro, device: torch.device, s: Sizes, *, checkpointing: bool = False,
+                   lora_r: int = 0) -> tuple[float, int]:
+    """(median seconds, peak allocated bytes) of one PPO minibatch update of fresh policy + value
+    models, with gradient checkpointing and/or a LoRA policy. The peak covers the models, their
+    optimizer states (allocated by the warm-up step) and the activations of the timed steps."""
+    import dataclasses
+
+    from transformers import GPT2LMHeadModel, GPT2Model
+
+    from rlhf_overopt.engines import enable_gradient_checkpointing, lora_policy
+    from rlhf_overopt.values import ValueModel
+
+    cfg = ctx.config
+    reset_peak(device)
+    torch.manual_seed(cfg.seed)
+    policy = GPT2LMHeadModel(config).to(device)
+    value = ValueModel(GPT2Model(config)).to(device)
+    if checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(value.backbone)
+    if lora_r:
+        policy = lora_policy(policy, dataclasses.replace(cfg.policy, lora_r=lora_r, lora_alpha=2 * lora_r))
+    policy.train()
+    value.train()
+    optimizers = [torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=cfg.ppo.lr, eps=1e-5)
+                  for m in (policy, value)]
+    mb = ro.select(list(range(min(s.mini_batch, len(ro)))))
+    mask = mb.response_mask
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    old_logprobs = mb.logprobs.float()
+    old_values = torch.zeros_like(old_logprobs)
+    advantages = torch.randn(mask.shape, generator=generator, device=device) * mask
+    returns = torch.randn(mask.shape, generator=generator, device=device) * mask
+    seconds, _ = timed(lambda: update_step(policy, value, optimizers, mb, old_logprobs, old_values, advantages,
+                                           returns, cfg, device), device, ctx.repeats)
+    return seconds, peak_allocated(device)  # the models are freed on return; the next variant resets the peak
+
+
+def measure_checkpointing(ctx: BenchContext, config, ro, device: torch.device, s: Sizes) -> list[Row]:
+    """The PPO minibatch update with and without gradient checkpointing: time and peak memory."""
+    plain = update_variant(ctx, config, ro, device, s)
+    ckpt = update_variant(ctx, config, ro, device, s, checkpointing=True)
+    gib = 2**30
+    return [Row(SECTION, "update peak memory", plain[1] / gib, "GiB", note="policy + value, AdamW, no checkpointing"),
+            Row(SECTION, "update peak memory, gradient checkpointing", ckpt[1] / gib, "GiB",
+                ratio=ckpt[1] / max(plain[1], 1), baseline="no checkpointing"),
+            Row(SECTION, "update, gradient checkpointing", ckpt[0], "s", ratio=ckpt[0] / plain[0],
+                baseline="no checkpointing", note=f"without: {plain[0]:.3f} s (one more forward per backward)")]
+
+
+def measure_lora(ctx: BenchContext, config, ro, device: torch.device, s: Sizes) -> list[Row]:
+    """Peak memory of the PPO minibatch update with a LoRA policy against the full policy."""
+    full = update_variant(ctx, config, ro, device, s)
+    lora = update_variant(ctx, config, ro, device, s, lora_r=LORA_R)
+    gib = 2**30
+    return [Row(SECTION, f"update peak memory, LoRA r={LORA_R} policy", lora[1] / gib, "GiB",
+                ratio=lora[1] / max(full[1], 1), baseline="full policy",
+                note=f"full: {full[1] / gib:.2f} GiB; value model full in both"),
+            Row(SECTION, f"update, LoRA r={LORA_R} policy", lora[0], "s", ratio=lora[0] / full[0],
+                baseline="full policy")]
+
+
 def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.device) -> list[Row]:
     """Proxy scoring of the rollout by K = 1 and K = 5 members (K=1 is the K=5 ensemble's first member)."""
     from rlhf_overopt.aggregate import aggregator
@@ -225,6 +308,9 @@ def measure(ctx: BenchContext, device: torch.device, s: Sizes) -> tuple[list[Row
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows += measure_ensemble(ctx, config, tokenizer, ro, device)
+    if device.type == "cuda":  # 5-6. peak-memory figures: CUDA's allocator statistics only
+        rows += measure_checkpointing(ctx, config, ro, device, s)
+        rows += measure_lora(ctx, config, ro, device, s)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     notes = (f"Random-init GPT-2 ({s.n_layer} layers, d {s.n_embd}, {s.n_head} heads, vocabulary {s.vocab}) on "
              f"{where}, fed with the testbed tokenizer's prompts. Update FLOPs use the PPO step section's formula for "

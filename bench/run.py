@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import BenchContext, Row, machine_info, matmul_peak_gflops  # noqa: E402
 
-SECTIONS = ("ppo_step", "ensemble", "bon", "dpo", "zero", "end_to_end", "gpu")
+SECTIONS = ("ppo_step", "ensemble", "bon", "dpo", "zero", "lora", "end_to_end", "gpu")
 """Every section, in report order; `bench/<name>.py` defines `run(ctx) -> list[Row]` and TITLE."""
 
 

@@ -442,6 +442,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             section.check()
     require(cfg.num_threads >= 0, "num_threads", "must be >= 0 (0 picks cores / local ranks)")
     method = METHODS[cfg.method]
+    _validate_policy_training(cfg, method)
 
     tb = cfg.testbed
     # The context fit of testbed.max_new_tokens (testbed.check) again for the response caps of the
@@ -487,6 +488,21 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         if cfg.testbed.cache_dir:
             cache = Path(cfg.testbed.cache_dir).expanduser()
             require(not cache.exists() or cache.is_dir(), "testbed.cache_dir", f"{cache} is not a directory")
+
+
+def _validate_policy_training(cfg: Config, method: Method) -> None:
+    """policy.dtype against the device, and where LoRA applies.
+
+    bf16 matmuls run about 100x slower than fp32 on the CPUs this framework is tested on, so a
+    bf16 policy on a CPU is refused; with device auto the device is known only at run start,
+    where `engines.check_policy_dtype` refuses it.
+    """
+    require(cfg.policy.dtype != "bfloat16" or cfg.device != "cpu", "policy.dtype",
+            "bfloat16 needs a CUDA device (bf16 matmuls are ~100x slower than fp32 on a CPU); use float32 or device: cuda")
+    if cfg.policy.lora_r > 0:
+        require(cfg.deepspeed.zero_stage != 3, "policy.lora_r",
+                "LoRA runs at ZeRO stages 0-2 (its reference shares the policy's parameters, which ZeRO-3 partitions)")
+        require(method.driver != "dpo", "policy.lora_r", f"LoRA is for the RL drivers, not {cfg.method}")
 
 
 def _validate_composite(cfg: Config, check_paths: bool) -> None:

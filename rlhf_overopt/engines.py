@@ -4,11 +4,16 @@ Trained models (policy, value) are `deepspeed.initialize` engines at the configu
 frozen models (reference policy) are partitioned too at stage 3. A run without the launcher is a
 one-process group of the same code, so `python launch/train.py` and `deepspeed launch/train.py`
 share every line.
+
+This module also owns how the trained policy is prepared for large models: gradient checkpointing
+(Chen et al. 2016), bf16 on CUDA (DeepSpeed's bf16 section), and a LoRA policy (Hu et al. 2021)
+whose reference is the same model with its adapters disabled (`AdapterDisabledReference`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -125,6 +130,13 @@ def sized_for(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     return {**config, "zero_optimization": zero}
 
 
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed JSON puts optimizer states on the CPU (ZeRO-Offload), e.g.
+    configs/deepspeed/zero{2,3}_offload.json through deepspeed.config."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
 def train_engine(model: nn.Module, *, lr: float, total_steps: int, final_ratio: float, config: dict[str, Any],
                  weight_decay: float = 0.0):
     """A DeepSpeed engine with AdamW and a cosine LR schedule stepped by `engine.step()`."""
@@ -132,8 +144,15 @@ def train_engine(model: nn.Module, *, lr: float, total_steps: int, final_ratio: 
 
     config = sized_for(config, model)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay, eps=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if offloads_optimizer(config):
+        # DeepSpeed refuses a torch optimizer with ZeRO-Offload: its CPU Adam steps the CPU-side
+        # fp32 master weights (a C++ op built on first use)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, eps=1e-5, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, final_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config)
@@ -229,6 +248,63 @@ def load_policy_model(cfg, policy_path: str, tokenizer=None) -> nn.Module:
                           dropout_off=p.dropout_off, tokenizer=tokenizer)
 
 
+def check_policy_dtype(cfg, device: torch.device) -> None:
+    """Refuse a bf16 policy on a CPU at run start (device auto resolves only now): bf16 matmuls
+    are ~100x slower than fp32 there. Raises InputError naming policy.dtype."""
+    from rlhf_overopt.errors import InputError
+
+    if cfg.policy.dtype == "bfloat16" and device.type != "cuda":
+        raise InputError(f"policy.dtype: bfloat16 needs a CUDA device, this run is on {device.type} "
+                         "(bf16 matmuls are ~100x slower than fp32 on a CPU); use policy.dtype=float32")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (Chen et al. 2016):
+    memory ~ sqrt(layers) for one more forward. Non-reentrant checkpointing, so the gradients equal
+    those without it and frozen inputs (a LoRA base) need no `enable_input_require_grads`. It is
+    active only in training mode: generation (eval mode, `use_cache=True` passed explicitly by
+    `rollout.generate`) keeps its KV cache."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def lora_policy(model: nn.Module, policy_cfg) -> nn.Module:
+    """`model` as a peft PeftModel with trainable LoRA adapters (Hu et al. 2021) and frozen base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = policy_cfg.lora_target_modules.strip()
+    config = LoraConfig(r=policy_cfg.lora_r, lora_alpha=policy_cfg.lora_alpha, lora_dropout=policy_cfg.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The reference policy of a LoRA run: the trained PeftModel with its adapters disabled.
+
+    The base weights never train, so the adapter-free model *is* the initial policy, and no second
+    copy is loaded (what TRL and OpenRLHF do for LoRA/PEFT policies). Calls run under
+    `disable_adapter()` and without gradients. The shared model is held as a submodule (so its
+    device and parameters are found as for any reference), but `train()`/`eval()` on the
+    reference do not touch the policy's mode.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.model = peft_model
+
+    def train(self, mode: bool = True) -> AdapterDisabledReference:
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
 @dataclasses.dataclass
 class Actors:
     """The models an RL driver trains and evaluates against: the policy engine, the value engine
@@ -250,8 +326,20 @@ class Actors:
         return out
 
     def parameter_counts(self) -> dict[str, int]:
-        return {"policy_local_params": local_parameter_count(self.policy),
-                "policy_total_params": sum(int(getattr(q, "ds_numel", q.numel())) for q in self.policy.parameters())}
+        """Policy parameter elements: on this rank, in total, and trained (the LoRA adapters only,
+        with policy.lora_r > 0); the value model's total and trained counts when there is one."""
+
+        def numel(q) -> int:
+            return int(getattr(q, "ds_numel", q.numel()))
+
+        out = {"policy_local_params": local_parameter_count(self.policy),
+               "policy_total_params": sum(numel(q) for q in self.policy.parameters()),
+               "policy_trainable_params": sum(numel(q) for q in self.policy.parameters() if q.requires_grad)}
+        if self.value_engine is not None:
+            value = self.value_engine.module
+            out["value_total_params"] = sum(numel(q) for q in value.parameters())
+            out["value_trainable_params"] = sum(numel(q) for q in value.parameters() if q.requires_grad)
+        return out
 
 
 def build_actors(cfg, tokenizer, policy_path: str, *, micro_batch: int, world_size: int, total_updates: int,
@@ -262,33 +350,62 @@ def build_actors(cfg, tokenizer, policy_path: str, *, micro_batch: int, world_si
     The global RNG is seeded with cfg.seed before the value heads are drawn, so their
     initialization is the same on every rank. Policy, reference and value backbone are all grown
     to `len(tokenizer)` rows when the tokenizer got a pad token (`models.fit_embeddings`).
+
+    policy.dtype bfloat16 (CUDA only, `check_policy_dtype`) gives both engines DeepSpeed's bf16
+    section (fp32 master weights in the optimizer); the reference loads in policy.dtype.
+    policy.gradient_checkpointing applies to the policy and the value backbone. With
+    policy.lora_r > 0 the policy is a PeftModel training only its adapters and the reference is
+    `AdapterDisabledReference(policy)`; the value model stays a full model (in the RLHF setups
+    that use LoRA the value model is the small one, e.g. a reward-model-sized backbone).
     """
     from rlhf_overopt.models import check_vocabulary
     from rlhf_overopt.values import ValueModel
 
-    p, stage = cfg.ppo, cfg.deepspeed.zero_stage
+    check_policy_dtype(cfg, device)
+    p, stage, pc = cfg.ppo, cfg.deepspeed.zero_stage, cfg.policy
     engine_cfg = ds_config(zero_stage=stage, micro_batch_per_rank=micro_batch, world_size=world_size,
-                           max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=cfg.policy.dtype)
+                           max_grad_norm=p.max_grad_norm, extra_path=cfg.deepspeed.config, dtype=pc.dtype)
     torch.manual_seed(cfg.seed)
     policy_model = load_policy_model(cfg, policy_path, tokenizer)
     check_vocabulary(tokenizer, policy_model)
+    if pc.gradient_checkpointing:
+        enable_gradient_checkpointing(policy_model)
+    if pc.lora_r > 0:
+        policy_model = lora_policy(policy_model, pc)
     policy_engine = train_engine(policy_model, lr=p.lr, total_steps=total_updates, final_ratio=p.lr_final_ratio,
                                  config=engine_cfg)
     value_engine = None
     if value_path is not None:
-        value_engine = train_engine(ValueModel.from_pretrained_backbone(value_path, value_heads, tokenizer=tokenizer),
-                                    lr=p.value_lr,
-                                    total_steps=total_updates, final_ratio=p.lr_final_ratio, config=engine_cfg)
-    reference = frozen_model(load_policy_model(cfg, policy_path, tokenizer), zero_stage=stage, config=engine_cfg, device=device)
+        value_model = ValueModel.from_pretrained_backbone(value_path, value_heads, tokenizer=tokenizer)
+        if pc.gradient_checkpointing:
+            enable_gradient_checkpointing(value_model.backbone)
+        value_engine = train_engine(value_model, lr=p.value_lr, total_steps=total_updates,
+                                    final_ratio=p.lr_final_ratio, config=engine_cfg)
+    if pc.lora_r > 0:
+        reference = AdapterDisabledReference(policy_engine.module)
+    else:
+        reference = frozen_model(load_policy_model(cfg, policy_path, tokenizer), zero_stage=stage, config=engine_cfg,
+                                 device=device)
     return Actors(policy_engine, value_engine, reference)
 
 
+def savable(policy: nn.Module) -> nn.Module:
+    """The model to write for `policy`: itself, or for a LoRA PeftModel a merged copy
+    (`merge_and_unload` on a deep copy: W + (alpha / r) B A in every adapted layer), so the folder
+    is a plain transformers model that `AutoModelForCausalLM.from_pretrained` loads without peft.
+    The copy leaves the training model (and its engine's state) untouched."""
+    if not hasattr(policy, "merge_and_unload"):
+        return policy
+    return copy.deepcopy(policy).merge_and_unload()
+
+
 def save_policy(policy: nn.Module, tokenizer, directory, zero_stage: int, is_main: bool) -> None:
-    """The trained policy as a transformers folder (safetensors), gathered under ZeRO-3."""
+    """The trained policy as a transformers folder (safetensors), gathered under ZeRO-3; a LoRA
+    policy is saved merged (`savable`)."""
     from rlhf_overopt import dist
 
     with gathered(policy, zero_stage):
         if is_main:
-            policy.save_pretrained(directory, safe_serialization=True)
+            savable(policy).save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
     dist.barrier()

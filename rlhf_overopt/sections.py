@@ -134,12 +134,29 @@ class PolicyConfig:
     trust_remote_code: bool = False
     """Allow model code shipped with a checkpoint to run (off unless you trust the source)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype; use float32 on CPU."""
+    """Parameter dtype of the policy and its reference; bfloat16 turns on DeepSpeed's bf16 mode
+    for the policy and value engines and needs `device: cuda` (refused on a CPU)."""
     dropout_off: bool = True
     """Set every dropout probability to 0 (required for PPO log-prob consistency)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (Chen et al. 2016) on the trained policy and value backbone."""
+    lora_r: int = 0
+    """LoRA rank of the trained policy (Hu et al. 2021); 0 = full fine-tuning. With LoRA the
+    reference is the same model with its adapters disabled (no second copy); ZeRO stages 0-2."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input; keep 0 for PPO (the sampling and training passes must agree)."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: peft's 'all-linear' (every linear layer but the output head) or
+    comma-separated module names (e.g. 'q_proj,v_proj')."""
 
     def check(self) -> None:
-        """Every value its type allows is valid; the path's existence is checked by validate()."""
+        """LoRA settings; the path's existence is checked by validate()."""
+        _non_negative(self, "policy", "lora_r", "lora_dropout")
+        _positive(self, "policy", "lora_alpha")
+        require(self.lora_dropout < 1, "policy.lora_dropout", "must be < 1")
+        require(bool(self.lora_target_modules.strip()), "policy.lora_target_modules", "must name modules or be 'all-linear'")
 
 
 @dataclass(frozen=True)

@@ -141,12 +141,13 @@ def build_composite(cfg, testbed, info, run, plan) -> CompositeModels:
     import logging
 
     from rlhf_overopt.data import load_prompts, policy_path
-    from rlhf_overopt.engines import build_actors, ensure_process_group
+    from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group
     from rlhf_overopt.gold import GoldScorer
     from rlhf_overopt.models import load_tokenizer
     from rlhf_overopt.reward_cache import ensure_components
 
     ensure_process_group(info.device)
+    check_policy_dtype(cfg, info.device)  # before components train
     path = policy_path(cfg, testbed)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.policy.trust_remote_code)
     # prompts before components (which may need training): bad prompt data fails in seconds

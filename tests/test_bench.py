@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("ppo_step", "ensemble", "bon", "dpo", "zero", "end_to_end", "gpu")
+SECTIONS = ("ppo_step", "ensemble", "bon", "dpo", "zero", "lora", "end_to_end", "gpu")
 
 
 @pytest.mark.slow
@@ -48,3 +48,22 @@ def test_bench_rejects_unknown_sections():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--sections", "ppo_step,warp_drive"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "warp_drive" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_lora_section_reports_less_memory_than_full(tiny_testbed, tmp_path):
+    """The LoRA section alone: DeepSpeed's estimate and the measured model states of LoRA policy +
+    value engines fall below the full ones; the policy engine alone falls further."""
+    out = tmp_path / "BENCHMARKS.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--tiny", "--sections", "lora",
+           "--out", str(out), "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tiny_testbed.root.parent)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    lora = {k.split(", LoRA")[0]: r for k, r in rows.items() if ", LoRA r=" in k}
+    assert set(lora) == {"trainable parameters", "DeepSpeed estimate", "measured model states",
+                         "measured policy engine only", "measured + reference copy"}
+    for r in lora.values():
+        assert 0 < r["ratio"] < 1, r
+    assert lora["measured policy engine only"]["ratio"] < lora["measured model states"]["ratio"]

@@ -102,3 +102,16 @@ def test_grpo_config_errors_before_any_work(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "grpo.group_size" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_grpo_lora_policy_with_gradient_checkpointing(tiny_testbed, tmp_path):
+    """GRPO with a LoRA policy (reference = adapters disabled) and gradient checkpointing: the KL
+    to the initial policy starts at 0 and grows, and only the adapters train."""
+    out = tmp_path / "run"
+    train("grpo_ensemble.yaml", f"output_dir={out}", "policy.lora_r=4", "policy.gradient_checkpointing=true",
+          "ppo.lr=1e-3", cache=tiny_testbed.root.parent)
+    rows = read_jsonl(out / "curves.jsonl")
+    assert abs(rows[0]["kl"]) < 1e-5 and rows[-1]["kl"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["policy_trainable_params"] < 0.1 * summary["policy_total_params"]

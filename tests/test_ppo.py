@@ -190,3 +190,41 @@ def test_value_model_initialized_from_a_proxy_member(tiny_testbed, tmp_path):
     assert len(shared) >= len(proxy) - 2  # every transformer tensor of the proxy (buffers aside)
     assert all(torch.allclose(backbone[k], proxy[k], atol=1e-6) for k in shared)
     assert any(not torch.allclose(backbone[k], policy[k], atol=1e-4) for k in shared if k in policy)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_lora_policy_two_rank_zero2_cli(tiny_testbed, tmp_path):
+    """policy.lora_r=8 at ZeRO-2 on 2 ranks: the run completes, the policy moves away from its
+    adapter-disabled reference (KL > 0), only the adapters train, and the saved policy is a merged
+    plain transformers model that differs from the initial one."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train(f"output_dir={out}", "policy.lora_r=8", "deepspeed.zero_stage=2", "ppo.lr=1e-3",
+          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())])
+    rows = read_jsonl(out / "curves.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert abs(rows[0]["kl"]) < 1e-5 and rows[-1]["kl"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    initial = AutoModelForCausalLM.from_pretrained(tiny_testbed.policy_dir)
+    base_total = sum(p.numel() for p in initial.parameters())
+    trainable, total = summary["policy_trainable_params"], summary["policy_total_params"]
+    assert 0 < trainable < 0.2 * base_total and total == base_total + trainable
+    assert summary["value_trainable_params"] == summary["value_total_params"]  # the value model is a full model
+    saved = AutoModelForCausalLM.from_pretrained(out / "policy")
+    assert not any(isinstance(m, LoraLayer) for m in saved.modules())
+    after = load_file(str(out / "policy" / "model.safetensors"))
+    before = load_file(str(Path(tiny_testbed.policy_dir) / "model.safetensors"))
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in after)

@@ -44,6 +44,7 @@ from rlhf_overopt.checkpoints import Checkpointer
 from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import (
+    check_policy_dtype,
     ds_config,
     ensure_process_group,
     frozen_model,
@@ -145,6 +146,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     # 0. models: tokenizer, gold, initial policy (proxies after the data checks: they may need training)
+    check_policy_dtype(cfg, info.device)
     policy_path = initial_policy_path(cfg, ctx.testbed)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
     gold = GoldScorer.from_config(cfg, ctx.testbed)

@@ -36,7 +36,7 @@ from rlhf_overopt.advantages import group_advantages, leave_one_out_advantages
 from rlhf_overopt.aggregate import aggregator
 from rlhf_overopt.checkpoints import Checkpointer
 from rlhf_overopt.data import load_prompts, policy_path
-from rlhf_overopt.engines import build_actors, ensure_process_group, gathered, save_policy
+from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group, gathered, save_policy
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.kl import sequence_kl
@@ -55,6 +55,7 @@ log = logging.getLogger("rlhf_overopt")
 def run(ctx: RunContext) -> dict[str, Any]:
     cfg, p, g, info = ctx.cfg, ctx.cfg.ppo, ctx.cfg.grpo, ctx.dist
     ensure_process_group(info.device)
+    check_policy_dtype(cfg, info.device)  # before proxies train: a bf16 policy on a CPU is refused
     rank, stage = info.rank, cfg.deepspeed.zero_stage
     plan = make_plan(cfg, info.world_size)
     variant = "rloo" if cfg.method == "rloo" else ("grpo" if g.std_normalize else "dr_grpo")

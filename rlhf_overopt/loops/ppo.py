@@ -29,7 +29,7 @@ from rlhf_overopt.advantages import gae, token_rewards
 from rlhf_overopt.aggregate import aggregator
 from rlhf_overopt.checkpoints import Checkpointer
 from rlhf_overopt.data import load_prompts, policy_path
-from rlhf_overopt.engines import build_actors, ensure_process_group, gathered, save_policy
+from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group, gathered, save_policy
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.kl import kl_controller, kl_penalty_per_token
@@ -49,6 +49,7 @@ log = logging.getLogger("rlhf_overopt")
 def run(ctx: RunContext) -> dict[str, Any]:
     cfg, p, info = ctx.cfg, ctx.cfg.ppo, ctx.dist
     ensure_process_group(info.device)
+    check_policy_dtype(cfg, info.device)  # before proxies train: a bf16 policy on a CPU is refused
     rank, stage = info.rank, cfg.deepspeed.zero_stage
     plan = make_plan(cfg, info.world_size)
 
@@ -67,8 +68,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                           total_updates=plan.total_updates, value_path=value_path, device=info.device)
     policy, kl_ctl = actors.policy, kl_controller(p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
     counts = actors.parameter_counts()
-    log.info("policy: %d parameters, %d on this rank (ZeRO-%d, %d rank(s))", counts["policy_total_params"],
-             counts["policy_local_params"], stage, info.world_size)
+    log.info("policy: %d parameters (%d trained), %d on this rank (ZeRO-%d, %d rank(s))",
+             counts["policy_total_params"], counts["policy_trainable_params"], counts["policy_local_params"], stage,
+             info.world_size)
 
     # resume from the last complete checkpoint
     ckpt = Checkpointer(ctx.run.checkpoints)
