@@ -39,7 +39,7 @@ import torch
 from rlhf_overopt.aggregate import aggregator
 from rlhf_overopt.config import AggregateConfig
 from rlhf_overopt.constrained import quadratic_peak
-from rlhf_overopt.evaluate import check_finite
+from rlhf_overopt.errors import check_finite
 
 
 def component_values(parts: dict[str, torch.Tensor], terms: Sequence[str]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class ConfigError(ValueError):
     """A configuration problem, found before any work starts; the message is one line that names the key."""
@@ -13,3 +15,11 @@ class InputError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A reward, loss or gradient that is NaN or inf, named by its source and step."""
+
+
+def check_finite(t: torch.Tensor, what: str, step: int) -> None:
+    """Stop at the step a non-finite number appears, naming where it came from."""
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()
+        raise NonFiniteError(f"step {step}: {what} is not finite at index {bad[0].tolist()} "
+                             f"({int(bad.shape[0])} value(s))")

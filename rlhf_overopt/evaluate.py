@@ -24,19 +24,11 @@ import torch
 
 from rlhf_overopt import dist
 from rlhf_overopt.engines import gathered
-from rlhf_overopt.errors import NonFiniteError
+from rlhf_overopt.errors import check_finite
 from rlhf_overopt.kl import sequence_kl
 from rlhf_overopt.rollout import generate, sequence_logprobs
 
 log = logging.getLogger("rlhf_overopt")
-
-
-def check_finite(t: torch.Tensor, what: str, step: int) -> None:
-    """Stop at the step a non-finite number appears, naming where it came from."""
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).nonzero()
-        raise NonFiniteError(f"step {step}: {what} is not finite at index {bad[0].tolist()} "
-                             f"({int(bad.shape[0])} value(s))")
 
 
 def score_proxies(ensemble, aggregate_fn: Callable[[torch.Tensor], torch.Tensor], prompts: list[str],

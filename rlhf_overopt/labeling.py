@@ -282,7 +282,7 @@ def write_dataset(root: Path, columns: dict[str, list], stats: dict[str, Any], c
     tmp = root / f".{DATASET_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    from rlhf_overopt.testbed.data import quiet_datasets
+    from rlhf_overopt.progress import quiet_datasets
 
     with quiet_datasets():
         to_dataset(columns).save_to_disk(str(tmp))

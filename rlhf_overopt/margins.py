@@ -20,7 +20,7 @@ import torch
 from rlhf_overopt import dist
 from rlhf_overopt.aggregate import aggregate
 from rlhf_overopt.config import Config
-from rlhf_overopt.evaluate import check_finite
+from rlhf_overopt.errors import check_finite
 from rlhf_overopt.losses import madpo_weights
 from rlhf_overopt.runs import atomic_write_bytes
 

@@ -6,7 +6,9 @@ every 30 s instead of a carriage-return update per step, which would bloat logs 
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -18,3 +20,17 @@ def bar(iterable: Any = None, **kwargs: Any) -> tqdm:
         kwargs.setdefault("mininterval", 30.0)
         kwargs.setdefault("ascii", True)
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence the `datasets` progress bars inside the block and restore the caller's setting."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

@@ -6,7 +6,6 @@ within the section). What involves more than one section, or the method, is chec
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

@@ -10,7 +10,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_overopt.sections import GOLD_TERMS, _fraction, _non_negative, _positive, check_aggregator_name, require
+from rlhf_overopt.sections import (
+    GOLD_TERMS,
+    _fraction,
+    _non_negative,
+    _positive,
+    check_aggregator_name,
+    require,
+)
+
 
 @dataclass(frozen=True)
 class PPOConfig:

@@ -20,7 +20,7 @@ import torch
 
 from rlhf_overopt import dist
 from rlhf_overopt.engines import checked_step
-from rlhf_overopt.evaluate import check_finite
+from rlhf_overopt.errors import check_finite
 from rlhf_overopt.kl import kl_penalty_per_token
 from rlhf_overopt.losses import clipped_surrogate, normalize_token_loss, ppo_value_loss, preference_loss
 from rlhf_overopt.masking import masked_mean

@@ -21,7 +21,7 @@ from rlhf_overopt import dist, seeds
 from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import load_policy_model
-from rlhf_overopt.evaluate import check_finite
+from rlhf_overopt.errors import check_finite
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.models import check_vocabulary, load_tokenizer

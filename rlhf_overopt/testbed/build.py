@@ -33,12 +33,12 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhf_overopt.config import TestbedConfig
+from rlhf_overopt.progress import quiet_datasets
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.data import (
     PREFS_STATS_FILE,
     make_preferences,
     make_prompts,
-    quiet_datasets,
     sample_responses,
     save_json,
 )

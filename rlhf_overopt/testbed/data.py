@@ -13,12 +13,11 @@ label_preferences method; sampling here stays the testbed's own seeded HF genera
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +42,7 @@ PREF_COLUMNS: tuple[str, ...] = (
 """Columns of the preference dataset, in order."""
 
 
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """Silence the `datasets` progress bars inside the block and restore the caller's setting."""
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
+
 
 
 # -- prompts ---------------------------------------------------------------------------------------
