@@ -109,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 alone inspects the run directory (the others would race with its creation);
         # its verdict is broadcast once the process group exists.
         state = check_run_dir(cfg) if int(os.environ.get("RANK", "0")) == 0 else "pending"
-        if "data" in METHODS[cfg.method].sections and state != "completed":
-            from rlhf_overopt.data import check_prompts
+        if state != "completed":
+            # bad models or prompt data cost seconds here, not a proxy training later
+            from rlhf_overopt.preflight import check_sources
 
-            check_prompts(cfg)  # bad prompt data costs seconds here, not a proxy training later
+            check_sources(cfg)
+            if "data" in METHODS[cfg.method].sections:
+                from rlhf_overopt.data import check_prompts
+
+                check_prompts(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ folder of the same architecture family (the presets are checked here that way).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rlhf_overopt.config import METHODS, Config
@@ -185,3 +186,55 @@ def stand_in_map(items: list[str]) -> dict[str, Any]:
         name, path = item.split("=", 1)
         out[name] = path
     return out
+
+
+def check_sources(cfg: Config) -> None:
+    """Before any work: every model the run names can be read (its config file, locally or from
+    the hub), and a model gold's context holds a full response. Raises InputError, one line."""
+    from rlhf_overopt.errors import InputError
+
+    method = METHODS[cfg.method]
+    refs = {}
+    if "policy" in method.sections and cfg.policy.path != "testbed":
+        refs["policy.path"] = cfg.policy.path
+    pool = cfg.method == "bon" and bool(cfg.bon.pool)
+    if "gold" in method.sections and cfg.gold.path != "testbed" and not pool:
+        refs["gold.path"] = cfg.gold.path
+    if "proxy" in method.sections and not cfg.proxy.path and cfg.proxy.backbone != "policy":
+        refs["proxy.backbone"] = cfg.proxy.backbone
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rlhf_overopt.models import context_length, quiet_transformers
+
+    import logging
+
+    configs = {}
+    hub_log = logging.getLogger("huggingface_hub")  # it logs each failed request: the error below says it once
+    level, hub_log.level = hub_log.level, logging.CRITICAL
+    for key, ref in refs.items():
+        try:
+            with quiet_transformers():
+                configs[key] = AutoConfig.from_pretrained(ref, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            where = "from the hub (no network?)" if not Path(ref).expanduser().exists() else "as a model folder"
+            raise InputError(f"{key}: could not read {ref} {where}: {str(exc).strip().splitlines()[0]}") from None
+        finally:
+            hub_log.setLevel(level)
+    if "gold.path" in configs:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(refs["gold.path"])
+        limit = tokenizer.model_max_length if 0 < (tokenizer.model_max_length or 0) < 10**8 else None
+        positions = context_length(configs["gold.path"])
+        limit = positions if limit is None or (positions is not None and positions < limit) else limit
+        caps = [_value(cfg, key) for key in method.response_caps]
+        if limit is not None and caps and limit < max(caps) + 1:
+            raise InputError(f"gold.path: {refs['gold.path']} reads at most {limit} tokens, fewer than a full "
+                             f"response ({max(caps)} new tokens + EOS): responses would be truncated away; use a gold "
+                             "with a longer context or fewer max_new_tokens")
+
+
+def _value(cfg: Config, dotted: str):
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

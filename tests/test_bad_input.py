@@ -277,3 +277,27 @@ def test_proxy_dataset_in_neither_format(tiny_testbed, tmp_path):
     error = next(line for line in result.stderr.splitlines() if "error:" in line)
     assert "(has text, label)" in error and "implicit prompt" in error
     assert "independent proxies" not in result.stderr  # the "training K independent proxies" line
+
+
+def test_unreadable_hub_model_and_short_gold_context_stop_before_work(tmp_path, foreign_world):
+    """A hub name that cannot be reached, and a gold whose context is shorter than a response,
+    are one line each, exit 2, before a run directory exists."""
+    import foreign_world as fw
+
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(TINY_PPO),
+                             f"output_dir={out}", "policy.path=some-org/no-such-model", "gold.path=testbed",
+                             "data.prompts=testbed", "proxy.dataset=testbed"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("input error: policy.path: could not read some-org/no-such-model")
+    short = fw.llama_model(tmp_path / "short_gold", kind="classifier", max_positions=8)
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                             str(ROOT / "configs" / "foreign" / "ppo.yaml"), f"output_dir={out}",
+                             f"policy.path={foreign_world['policy']}", f"gold.path={short}",
+                             f"data.prompts={foreign_world['prompts']}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "reads at most 8 tokens, fewer than a full response" in result.stderr
+    assert not out.exists()
