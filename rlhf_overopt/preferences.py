@@ -246,7 +246,10 @@ def validate_preference_rows(data, source: str = "dataset",
                     f"{source} row {i}: field {name!r} must be a string, got {type(value).__name__} "
                     "(conversational message lists are not supported)"
                 )
-            if not value.strip():
+            # a response that is only EOS is a real sample (the policy ended at once): empty text
+            # is fine where its ended flag says so; an empty prompt, or an empty unended response, is not
+            ended = values.get(f"{name}_ended")
+            if not value.strip() and not (name != "prompt" and ended is not None and ended[i] is True):
                 raise PreferenceDataError(f"{source} row {i}: field {name!r} is empty")
         for name in ENDED_COLUMNS:
             if name in values and not isinstance(values[name][i], bool):

@@ -253,3 +253,17 @@ def test_config_errors_on_paths_and_testbed_keys(tmp_path):
         config(f"data.prompts={_bad(tmp_path, 'p.txt', b'x')}", "data.eval_size=4")
     with pytest.raises(ConfigError, match="data.eval_size: applies to a dataset, and data.prompts is 'testbed'"):
         config("data.eval_size=4")
+
+
+def test_testbed_prompt_files_through_the_general_path_equal_the_testbed_path(tiny_testbed):
+    """data.prompts = the testbed's own prompts folder (a DatasetDict on disk) reads exactly the
+    prompts the testbed path reads: the two worlds share one code path for prompts."""
+    from rlhf_overopt.config import load_config
+    from rlhf_overopt.data import load_prompts
+
+    base = ["eval.n_prompts=16", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    testbed_cfg = load_config(None, base, check_paths=False)
+    general_cfg = load_config(None, [*base, f"data.prompts={tiny_testbed.prompts_dir}", "data.eval_split=eval"],
+                              check_paths=False)
+    for world, rank in ((1, 0), (2, 1)):
+        assert load_prompts(general_cfg, None, world, rank) == load_prompts(testbed_cfg, tiny_testbed, world, rank)
