@@ -348,3 +348,21 @@ def test_policy_backbone_of_a_foreign_policy_uses_its_checkpoint_and_tokenizer(f
     assert backbone == str(foreign_world["policy"])
     tok = _proxy_tokenizer(cfg, None, backbone)
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>" and tok.padding_side == "left"
+
+
+def test_an_eos_only_response_is_a_valid_row():
+    """label_preferences can sample a response that is only EOS (empty text, ended): a real sample;
+    an empty response that did not end, or an empty prompt, is still refused."""
+    import datasets
+
+    from rlhf_overopt.preferences import PreferenceDataError, validate_preference_rows
+
+    def rows(chosen_ended: bool, prompt: str = "The film"):
+        return datasets.Dataset.from_dict({"prompt": [prompt], "chosen": [""], "rejected": [" was fine."],
+                                           "chosen_ended": [chosen_ended], "rejected_ended": [True]})
+
+    validate_preference_rows(rows(True))
+    with pytest.raises(PreferenceDataError, match="row 0: field 'chosen' is empty"):
+        validate_preference_rows(rows(False))
+    with pytest.raises(PreferenceDataError, match="field 'prompt' is empty"):
+        validate_preference_rows(rows(True, prompt=" "))
