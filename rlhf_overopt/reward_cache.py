@@ -58,18 +58,19 @@ VAL_FRACTION = 0.1
 def proxy_key_settings(cfg: Config) -> dict[str, Any]:
     """The proxy settings that determine trained weights, as they enter a cache key.
 
-    Settings that only steer scoring are left out, and so is `train_pairs` at 0 ("all pairs"):
-    caches written before the option existed keep their keys. `dtype` stays at "float32": members
-    train in float32 whatever proxy.dtype (it is applied on load), so every dtype shares one
-    cache, under the key it had when the field came in. `dataset` is the setting as written; its
-    contents enter the key in proxy_cache_dir.
+    Settings that only steer scoring are left out (`dtype` too: members train in float32 whatever
+    proxy.dtype, which is applied on load), and so are options at the value that keeps the earlier
+    behaviour — `train_pairs` at 0 ("all pairs"), `dataset` at "testbed" — so caches written
+    before an option existed keep their keys. A user dataset enters as its setting here and as its
+    contents' fingerprint in proxy_cache_dir.
     """
     settings = to_dict(cfg.proxy)
-    for key in ("path", "score_batch_size", "on_failed_member", "train_workers"):
+    for key in ("path", "score_batch_size", "on_failed_member", "train_workers", "dtype"):
         settings.pop(key, None)
     if settings.get("train_pairs") == 0:
         settings.pop("train_pairs")
-    settings["dtype"] = "float32"
+    if settings.get("dataset") == "testbed":
+        settings.pop("dataset")
     return settings
 
 

@@ -260,8 +260,8 @@ def test_component_cache_key_ignores_train_pairs_at_its_default():
 
     cfg = load_config(ROOT / "configs" / "constrained_ppo.yaml", check_paths=False)
     proxy = to_dict(cfg.proxy)
-    for key in ("path", "score_batch_size", "on_failed_member", "train_pairs", "train_workers"):
-        proxy.pop(key)  # the last two did not exist when the old caches were written
+    for key in ("path", "score_batch_size", "on_failed_member", "train_pairs", "train_workers", "dataset", "dtype"):
+        proxy.pop(key)  # the last four did not exist when the old caches were written
     comp = to_dict(cfg.components)
     comp.pop("path")
     old_key = json.dumps({"components": comp, "proxy": proxy, "policy": cfg.policy.path, "testbed": "testbed-0123",
