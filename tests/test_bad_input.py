@@ -297,7 +297,9 @@ def test_unreadable_hub_model_and_short_gold_context_stop_before_work(tmp_path, 
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
                              str(ROOT / "configs" / "foreign" / "ppo.yaml"), f"output_dir={out}",
                              f"policy.path={foreign_world['policy']}", f"gold.path={short}",
-                             f"data.prompts={foreign_world['prompts']}"],
+                             f"data.prompts={foreign_world['prompts']}",
+                             f"proxy.backbone={foreign_world['proxy_backbone']}",
+                             f"proxy.dataset={foreign_world['prompts']}"],  # never read: the check comes first
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2 and "reads at most 8 tokens, fewer than a full response" in result.stderr
     assert not out.exists()
