@@ -76,7 +76,7 @@ class Method:
     name: str
     """The config `method`."""
     driver: str
-    """Module under rlhf_overopt/loops/ exposing run(ctx)."""
+    """Driver module (in the package's loops folder) exposing run(ctx)."""
     sections: tuple[str, ...]
     """Config sections the method reads (for --check and docs)."""
     evaluates: bool
@@ -152,7 +152,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the `method` choices, from the table
 
 COMPOSITE_METHODS = tuple(n for n, m in METHODS.items() if m.composite)
-"""Methods that train PPO on a composite of component rewards (rlhf_overopt/loops/constrained_ppo.py)."""
+"""Methods that train PPO on a composite of component rewards (their drivers: constrained_ppo, dynamic_ppo, proxy_points)."""
 GRPO_METHODS = tuple(n for n, m in METHODS.items() if "grpo" in m.sections)
 """Methods that read the grpo section: group-relative advantages, no value model."""
 

@@ -84,7 +84,7 @@ def describe(cfg: Config, world: int, stand_ins: dict[str, str] | None = None) -
     """The plan of `cfg` on `world` ranks, as text."""
     stand_ins = dict(stand_ins or {})
     method = METHODS[cfg.method]
-    lines = [f"method {cfg.method}: {method.summary}", f"driver rlhf_overopt/loops/{method.driver}.py, "
+    lines = [f"method {cfg.method}: {method.summary}", f"driver loops/{method.driver}.py, "
              f"{world} rank(s), ZeRO-{cfg.deepspeed.zero_stage}, output_dir {cfg.output_dir}"]
     models: list[tuple[ModelInfo, str, bool]] = []  # (info, dtype, trained)
     sections = method.sections
