@@ -9,7 +9,6 @@ KL of the best-of-n choice is the analytic `log n - (n - 1)/n` (Gao et al. 2022,
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,31 +98,13 @@ def read_scored_pool(source: str, pool_size: int, n_prompts: int) -> dict[str, A
     least `pool_size` samples are kept, their first `pool_size` samples each. Raises InputError
     naming the missing column, or how many prompts have a full pool.
     """
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
     from rlhf_overopt.errors import InputError
-    from rlhf_overopt.preferences import is_hub_name
+    from rlhf_overopt.preferences import PreferenceDataError, read_preference_source
 
-    p = Path(source).expanduser()
-    try:
-        if p.is_dir():
-            data = load_from_disk(str(p))
-        elif p.is_file():
-            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix.lower())
-            if kind is None:
-                raise InputError(f"bon.pool: {p}: unsupported file type {p.suffix!r}")
-            data = load_dataset(kind, data_files=str(p), split="train")
-        elif is_hub_name(source):
-            data = load_dataset(source)
-        else:
-            raise InputError(f"bon.pool: {source}: no such file or folder")
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — datasets/hub errors: one line
-        raise InputError(f"bon.pool: could not load {source}: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    if isinstance(data, DatasetDict):
-        data = data[next(iter(data))]
+    try:  # the one reader of local files, saved folders and hub names (a file's type, rows, splits checked there)
+        data, _ = read_preference_source(source)
+    except PreferenceDataError as exc:
+        raise InputError(f"bon.pool: {exc}") from None
     names = {}
     for key, options in POOL_COLUMNS.items():
         found = next((c for c in options if c in data.column_names), None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_overopt.config import METHODS, Config
+from rlhf_overopt.config import METHODS, Config, _value
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -231,10 +231,3 @@ def check_sources(cfg: Config) -> None:
             raise InputError(f"gold.path: {refs['gold.path']} reads at most {limit} tokens, fewer than a full "
                              f"response ({max(caps)} new tokens + EOS): responses would be truncated away; use a gold "
                              "with a longer context or fewer max_new_tokens")
-
-
-def _value(cfg: Config, dotted: str):
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
