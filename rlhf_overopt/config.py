@@ -51,6 +51,8 @@ from rlhf_overopt.train_sections import (
     NelderMeadConfig,
     PPOConfig,
     ProxyPointsConfig,
+    ProxySize,
+    ScalingConfig,
     WandbConfig,
 )
 
@@ -58,8 +60,8 @@ __all__ = [
     "COMPOSITE_METHODS", "GOLD_TERMS", "GRPO_METHODS", "METHODS", "AggregateConfig", "BonConfig",
     "ComponentsConfig", "Config", "ConfigError", "ConstrainedConfig", "DPOConfig", "DataConfig", "DeepSpeedConfig",
     "DynamicWeightingConfig", "EvalConfig", "GRPOConfig", "GoldConfig", "LabelConfig", "MADPOConfig", "Method",
-    "NelderMeadConfig", "PPOConfig", "PolicyConfig", "ProxyConfig", "ProxyPointsConfig", "TestbedConfig",
-    "WandbConfig", "check_world_size", "dump_yaml", "field_docs", "load_config", "parse_override", "to_dict",
+    "NelderMeadConfig", "PPOConfig", "PolicyConfig", "ProxyConfig", "ProxyPointsConfig", "ProxySize",
+    "ScalingConfig", "TestbedConfig", "WandbConfig", "check_world_size", "dump_yaml", "field_docs", "load_config", "parse_override", "to_dict",
     "validate",
 ]
 
@@ -146,6 +148,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rloo", "grpo", (*_RL, "aggregate", "grpo"), evaluates=True, fit_form="rl", composite=False,
            rollouts=True, split_keys=_RL_SPLIT, response_caps=_RL_CAPS,
            summary="RLOO: leave-one-out baseline within each group, no value model (Ahmadian et al. 2024)."),
+    Method("scaling_law", "scaling_law", (*_MODELS, "data", "eval", "scaling", "wandb"), evaluates=True,
+           fit_form="bon", composite=False, rollouts=False, split_keys=("eval.n_prompts",),
+           response_caps=("eval.max_new_tokens", "scaling.max_new_tokens"),
+           summary="Gao et al. 2022's scaling experiment: best-of-n with proxies of several sizes x data sizes, "
+                   "Gao's form per proxy, alpha and beta against log size and log data."),
 )}
 """Every method, by config name."""
 
@@ -200,6 +207,7 @@ class Config:
     nm: NelderMeadConfig = field(default_factory=NelderMeadConfig)
     weighting: DynamicWeightingConfig = field(default_factory=DynamicWeightingConfig)
     proxy_points: ProxyPointsConfig = field(default_factory=ProxyPointsConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -374,12 +382,17 @@ def _explicit_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+def has_scored_pool(cfg: Config) -> bool:
+    """The run reads an existing scored pool (bon.pool, scaling.pool), which brings its own prompts and gold."""
+    return (cfg.method == "bon" and bool(cfg.bon.pool)) or (cfg.method == "scaling_law" and bool(cfg.scaling.pool))
+
+
 def world_sources(cfg: Config) -> dict[str, str]:
     """The keys of `cfg` that name where a part of the world comes from, for its method:
     {key: value} of the gold, the prompts, the preference pairs and the components."""
     sections = METHODS[cfg.method].sections
     out = {}
-    pool = cfg.method == "bon" and bool(cfg.bon.pool)  # a scored pool brings its own prompts and gold
+    pool = has_scored_pool(cfg)  # a scored pool brings its own prompts and gold
     if "gold" in sections and not pool:
         out["gold.path"] = cfg.gold.path
     if "data" in sections and not pool:
@@ -452,7 +465,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             value = _value(cfg, key)
             require(tb.fits_context(value), key,
                     f"3 * testbed.prompt_words + {value} does not fit testbed.n_positions ({tb.n_positions})")
-    pool = cfg.method == "bon" and bool(cfg.bon.pool)  # a scored pool brings its own prompts and gold
+    pool = has_scored_pool(cfg)  # a scored pool brings its own prompts and gold
     require(not method.evaluates or pool or cfg.data.prompts != "testbed" or cfg.eval.n_prompts <= tb.n_eval_prompts,
             "eval.n_prompts",
             f"asks for more prompts than the testbed's eval split holds ({tb.n_eval_prompts})")
@@ -471,6 +484,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         _validate_composite(cfg, check_paths)
     if cfg.method in GRPO_METHODS:
         _validate_grpo(cfg)
+    if cfg.method == "scaling_law":
+        _validate_scaling(cfg, check_paths)
 
     if check_paths:
         if cfg.policy.path != "testbed":
@@ -565,6 +580,31 @@ def _validate_grpo(cfg: Config) -> None:
     default_init = PPOConfig().value_init
     require(ppo.value_init == default_init, "ppo.value_init",
             f"{cfg.method} trains no value model; leave it at its default {default_init!r}")
+
+
+def _validate_scaling(cfg: Config, check_paths: bool) -> None:
+    """scaling_law pretrains its proxy backbones on the testbed corpus and sets the per-cell proxy
+    keys itself: refuse the proxy.* options it would silently override."""
+    sc, p = cfg.scaling, cfg.proxy
+    require(cfg.policy.path == "testbed", "policy.path",
+            "scaling_law pretrains its proxy sizes on the testbed corpus; it needs the testbed policy")
+    require(p.dataset == "testbed", "proxy.dataset", "scaling_law trains on the testbed's gold-labelled pairs")
+    for key, value, default in (("kind", p.kind, "independent"), ("backbone", p.backbone, "policy"),
+                                ("path", p.path, ""), ("n_layer", p.n_layer, 0), ("train_pairs", p.train_pairs, 0)):
+        require(value == default, f"proxy.{key}",
+                f"is set per cell by scaling.proxy_sizes / scaling.train_pairs; leave it at {default!r}")
+    require(p.on_failed_member != "drop", "proxy.on_failed_member",
+            "a cell has one proxy, and a near-chance proxy is a data point of the scaling law (Gao et al. 2022: "
+            "below ~2k pairs proxies stay near chance); use warn or error")
+    # The train split holds 90% of at most one pair per train prompt; the exact count (ties drop
+    # pairs) is checked against the testbed's pairs before any work.
+    most = int(0.9 * cfg.testbed.n_train_prompts)
+    for i, n in enumerate(sc.train_pairs):
+        require(n <= most, f"scaling.train_pairs[{i}]",
+                f"{n} exceeds the train split (at most {most} pairs: 90% of testbed.n_train_prompts)")
+    if check_paths and sc.pool:
+        require(Path(sc.pool).expanduser().exists() or _is_model_ref(sc.pool), "scaling.pool",
+                f"no such pool file or folder: {sc.pool}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

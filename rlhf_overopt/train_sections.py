@@ -1,7 +1,7 @@
 """The configuration sections of the optimizers and of the composite-reward methods (PPO, the
 GRPO family, the DPO family, DeepSpeed, W&B, components, constraints, Nelder-Mead, weighting,
-proxy points); the world and reward sections are in rlhf_overopt.sections. Each section checks
-its own fields in ``check()``.
+proxy points, and the scaling-law grid); the world and reward sections are in
+rlhf_overopt.sections. Each section checks its own fields in ``check()``.
 """
 
 from __future__ import annotations
@@ -328,3 +328,74 @@ class ProxyPointsConfig:
 
     def check(self) -> None:
         require(self.min_points >= 3, "proxy_points.min_points", "a quadratic fit needs at least 3 points")
+
+
+@dataclass(frozen=True)
+class ProxySize:
+    """One proxy size of the scaling grid: a GPT-2 backbone of this shape pretrained on the testbed
+    corpus with the testbed's SFT recipe (the SFT policy itself when the shape is the policy's)."""
+
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_embd: int = 128
+    """Hidden size."""
+    n_head: int = 0
+    """Attention heads; 0 means one per 32 hidden dimensions (at least 1)."""
+
+    @property
+    def heads(self) -> int:
+        """n_head, or one head per 32 dimensions when 0."""
+        return self.n_head or max(1, self.n_embd // 32)
+
+    def check(self, key: str = "scaling.proxy_sizes[0]") -> None:
+        require(self.n_layer >= 1, f"{key}.n_layer", f"must be >= 1, got {self.n_layer}")
+        require(self.n_embd >= 1, f"{key}.n_embd", f"must be >= 1, got {self.n_embd}")
+        require(self.n_head >= 0, f"{key}.n_head", f"must be >= 0 (0: one head per 32 dimensions), got {self.n_head}")
+        require(self.n_embd % self.heads == 0, f"{key}.n_embd",
+                f"must be divisible by the head count ({self.heads}), got {self.n_embd}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """method scaling_law: Gao et al. (2022) §3.2 — one best-of-n pool, one proxy per (size, data
+    size) cell, Gao's best-of-n form fitted per proxy, and its coefficients against log size and log
+    data. Each cell trains ONE proxy (proxy.k is not read) with the other proxy.* settings."""
+
+    proxy_sizes: list[ProxySize] = field(default_factory=lambda: [ProxySize(1, 32), ProxySize(1, 64),
+                                                                  ProxySize(2, 128)])
+    """Proxy backbone shapes, each {n_layer, n_embd, n_head}; its parameter count is recorded."""
+    train_pairs: list[int] = field(default_factory=lambda: [500, 1500, 4500])
+    """Data sizes: each proxy trains on the first train_pairs noisy train pairs (proxy.train_pairs
+    semantics; 0 = all of them)."""
+    pool: str = ""
+    """An existing gold-scored pool (e.g. a bon run's pool/ folder, or anything bon.pool reads);
+    empty means sample one from the initial policy, saved into the run directory."""
+    pool_size: int = 256
+    """N, samples per eval prompt (eval.n_prompts prompts)."""
+    n_grid: list[int] = field(default_factory=list)
+    """Values of n to evaluate; empty means 1, 2, 4, ..., N."""
+    temperature: float = 1.0
+    """Sampling temperature of a sampled pool."""
+    top_p: float = 1.0
+    """Nucleus sampling of a sampled pool."""
+    max_new_tokens: int = 48
+    """Response length cap of a sampled pool."""
+    batch_size: int = 512
+    """Sequences per generation batch of a sampled pool."""
+
+    def check(self) -> None:
+        require(len(self.proxy_sizes) > 0, "scaling.proxy_sizes", "must name at least one proxy size")
+        require(len(self.train_pairs) > 0, "scaling.train_pairs", "must name at least one data size")
+        for i, size in enumerate(self.proxy_sizes):
+            size.check(f"scaling.proxy_sizes[{i}]")
+        shapes = [(s.n_layer, s.n_embd, s.heads) for s in self.proxy_sizes]
+        require(len(set(shapes)) == len(shapes), "scaling.proxy_sizes", f"has a size twice: {shapes}")
+        for i, n in enumerate(self.train_pairs):
+            require(n == 0 or n >= 20, f"scaling.train_pairs[{i}]", f"must be 0 (all pairs) or at least 20, got {n}")
+        require(len(set(self.train_pairs)) == len(self.train_pairs), "scaling.train_pairs",
+                f"has a data size twice: {self.train_pairs}")
+        _positive(self, "scaling", "pool_size", "max_new_tokens", "batch_size", "temperature")
+        require(0 < self.top_p <= 1, "scaling.top_p", f"must be in (0, 1], got {self.top_p}")
+        for i, n in enumerate(self.n_grid):
+            require(1 <= n <= self.pool_size, f"scaling.n_grid[{i}]",
+                    f"n={n} must be between 1 and scaling.pool_size ({self.pool_size})")
