@@ -56,7 +56,8 @@ def driver_for(method: str):
 def write_report(root: Path, method: str) -> None:
     """Gold/proxy-vs-sqrt(KL) plots and the fitted table in <run>/report, drawn by analysis/ from
     the run directory (Gao's BoN form for best-of-n, the RL form otherwise); composite-reward runs
-    add analysis.composite's table and figure, a proxy_points run its fits."""
+    add analysis.composite's table and figure, a proxy_points run its fits, and a scaling_law run
+    gets analysis.scaling's per-proxy table, trend table and figures instead."""
     report = root / "report"
     try:  # a plotting problem must not fail a finished experiment
         if method == "proxy_points" and (root / "thresholds.json").exists():
@@ -64,6 +65,11 @@ def write_report(root: Path, method: str) -> None:
 
             plot_proxy_points(json.loads((root / "thresholds.json").read_text()), report / "proxy_points.png")
         if not (root / "curves.jsonl").exists():
+            return
+        if method == "scaling_law":  # one curve per proxy cell: its own table, trends and figures
+            from analysis.scaling import write_scaling_report
+
+            write_scaling_report(root, report)
             return
         from analysis.load import load_runs
         from analysis.report import write_report as draw
