@@ -259,6 +259,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # 1. check the data sizes against the train split, before any work
     train, _ = split_prefs(ctx.testbed.load_prefs(), cfg.seed)
     pairs = _resolve_pairs(sc.train_pairs, len(train))
+    if ctx.state == "resume":  # from here on a resumed run writes (and records a failure) in its directory
+        ctx.resumed = True
+        ctx.run.write_summary({"status": "running"})
 
     # 2. pool
     pool, pool_timings = _load_pool(ctx)
