@@ -6,8 +6,8 @@ Command line::
 
     python -m analysis.scaling RUN_DIR [--out DIR]     (DIR defaults to RUN_DIR/report)
 
-Writes ``table.md`` (one row per proxy: parameters, pairs, validation accuracy, alpha, beta, fit
-R², predicted peak d* and the gold gain there), ``trends.md`` (alpha and beta against log10
+Writes ``table.md`` (one row per proxy: parameters, its backbone's held-out pretraining loss,
+pairs, validation accuracy, alpha, beta, fit R², predicted peak d* and the gold gain there), ``trends.md`` (alpha and beta against log10
 parameters at each data size and against log10 pairs at each proxy size: slope per decade and
 R²), ``gold_vs_sqrt_kl.png`` (one panel per proxy size, observed gold gain per data size with the
 fitted form) and ``trends.png`` (alpha and beta against log parameters and log pairs, with the
@@ -67,13 +67,14 @@ def cells_markdown(results: dict[str, Any]) -> str:
         "Fit: R_bon(d) = d (α − β d), d = sqrt(KL_bon), KL_bon = log n − (n−1)/n (Gao et al. 2022, eq. 1); "
         "peak d* = α / (2β), gold gain there α² / (4β).",
         "",
-        "| proxy | params | non-emb. params | pairs | val acc (noisy) | val acc (clean) | α | β | fit R² "
-        "| peak d* | gold gain at d* | observed peak gain (d) | peak |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| proxy | params | non-emb. params | LM loss | pairs | val acc (noisy) | val acc (clean) | α | β "
+        "| fit R² | peak d* | gold gain at d* | observed peak gain (d) | peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in results["cells"]:
         lines.append(
-            f"| {_size(c)} | {_num(c['params'])} | {_num(c['params_non_embedding'])} | {_num(c['train_pairs'])} "
+            f"| {_size(c)} | {_num(c['params'])} | {_num(c['params_non_embedding'])} "
+            f"| {_num(c.get('backbone_heldout_loss'))} | {_num(c['train_pairs'])} "
             f"| {_num(c['proxy_val_accuracy'])} | {_num(c['proxy_val_accuracy_clean'])} | {_num(c['alpha'])} "
             f"| {_num(c['beta'])} | {_num(c['fit_r2'])} | {_num(c['peak_sqrt_kl'])} | {_num(c['peak_gain'])} "
             f"| {_num(c['observed_peak_gain'])} ({_num(c['observed_peak_sqrt_kl'], 2)}) | {c['peak']} |")

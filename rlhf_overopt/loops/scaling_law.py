@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,6 +123,14 @@ def _backbone(ctx: RunContext, size) -> str:
     return str(target)
 
 
+def _pretraining_loss(ctx: RunContext, backbone: str) -> float | None:
+    """Held-out LM loss (nats/token) of a backbone's pretraining run, from its sft_metrics.json."""
+    from rlhf_overopt.testbed.sft import METRICS_FILE
+
+    path = Path(ctx.testbed.policy_dir if backbone == "policy" else backbone) / METRICS_FILE
+    return json.loads(path.read_text())["heldout_loss"] if path.exists() else None
+
+
 def _cell_label(size, pairs: int) -> str:
     return f"L{size.n_layer}-d{size.n_embd}/p{pairs}"
 
@@ -158,6 +167,7 @@ def _run_cell(ctx: RunContext, size, backbone: str, configured_pairs: int, pairs
         "proxy_val_accuracy_clean": ensemble.val_accuracy_clean.get("member_0"),
         "proxy_failed": bool(ensemble.failed_members),
         "backbone": backbone,
+        "backbone_heldout_loss": _pretraining_loss(ctx, backbone),
         "pool_rows": len(pool),
         "train_s": round(train_s, 2),
     }
