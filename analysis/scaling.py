@@ -62,13 +62,13 @@ def cells_markdown(results: dict[str, Any]) -> str:
     """One row per cell: size, parameters, pairs, validation accuracy, the fit and its peak."""
     pool = results["pool"]
     lines = [
-        f"Best-of-n over one pool of {pool['n_prompts']} prompts × {pool['pool_size']} samples "
-        f"({pool['source']}); gold relative to the pool's mean gold ({pool['gold_mean']:.3f}). "
-        "Fit: R_bon(d) = d (α − β d), d = sqrt(KL_bon), KL_bon = log n − (n−1)/n (Gao et al. 2022, eq. 1); "
-        "peak d* = α / (2β), gold gain there α² / (4β).",
+        (f"Best-of-n over one pool of {pool['n_prompts']} prompts × {pool['pool_size']} samples "
+         f"({pool['source']}); gold relative to the pool's mean gold ({pool['gold_mean']:.3f}). "
+         "Fit: R_bon(d) = d (α − β d), d = sqrt(KL_bon), KL_bon = log n − (n−1)/n (Gao et al. 2022, eq. 1); "
+         "peak d* = α / (2β), gold gain there α² / (4β)."),
         "",
-        "| proxy | params | non-emb. params | LM loss | pairs | val acc (noisy) | val acc (clean) | α | β "
-        "| fit R² | peak d* | gold gain at d* | observed peak gain (d) | peak |",
+        ("| proxy | params | non-emb. params | LM loss | pairs | val acc (noisy) | val acc (clean) | α | β "
+         "| fit R² | peak d* | gold gain at d* | observed peak gain (d) | peak |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in results["cells"]:
@@ -84,8 +84,8 @@ def cells_markdown(results: dict[str, Any]) -> str:
 def trends_markdown(results: dict[str, Any]) -> str:
     """One row per trend line, y = a + b log10 x, and a plain verdict on smoothness."""
     trends = results["trends"]
-    lines = ["α and β against log10 of the proxy's parameter count (at each data size) and of its "
-             "training pairs (at each proxy size): least squares y = a + b·log10 x (Gao et al. 2022, §3.2).",
+    lines = [("α and β against log10 of the proxy's parameter count (at each data size) and of its "
+              "training pairs (at each proxy size): least squares y = a + b·log10 x (Gao et al. 2022, §3.2)."),
              "", "| coefficient | against | held fixed | points | intercept a | slope b per decade | R² |",
              "|---|---|---|---:|---:|---:|---:|"]
     for t in trends:

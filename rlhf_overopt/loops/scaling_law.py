@@ -39,7 +39,13 @@ from rlhf_overopt.pool import n_grid, read_scored_pool
 from rlhf_overopt.pool_sampling import sample_gold_pool
 from rlhf_overopt.reward_cache import ensure_proxies, split_prefs
 from rlhf_overopt.runs import RunDir, atomic_write_bytes, atomic_write_json, file_lock
-from rlhf_overopt.scaling import bon_peak, bon_peak_gain, fit_bon_form, fit_log_linear, non_embedding_parameters
+from rlhf_overopt.scaling import (
+    bon_peak,
+    bon_peak_gain,
+    fit_bon_form,
+    fit_log_linear,
+    non_embedding_parameters,
+)
 from rlhf_overopt.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
