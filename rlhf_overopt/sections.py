@@ -180,11 +180,13 @@ class GoldConfig:
 class ProxyConfig:
     """The proxy reward ensemble trained on gold-labelled (noisy) preferences."""
 
-    kind: Literal["independent", "pretrain", "multihead", "lora"] = "independent"
+    kind: Literal["independent", "pretrain", "multihead", "lora", "warm"] = "independent"
     """independent: K full models; pretrain: members from differently seeded pretraining runs;
-    multihead: one backbone with K heads; lora: one frozen base with K LoRA adapters."""
+    multihead: one backbone with K heads; lora: one frozen base with K LoRA adapters; warm: K members
+    from one initialization (head included), differing in data order, weight-averaged into one model
+    (Ramé et al. 2024, WARM) that scores as a single member."""
     k: int = 5
-    """Number of ensemble members."""
+    """Number of ensemble members (kind=warm: members averaged, >= 2; the ensemble then has one)."""
     backbone: str = "policy"
     """'policy' initializes members from the SFT policy; otherwise a local path / hub name of a causal
     LM or sequence-classification checkpoint, with its own tokenizer (proxies read text)."""
@@ -226,7 +228,7 @@ class ProxyConfig:
     """Train on only the first train_pairs pairs of the (shuffled) train split; 0 uses all. Less
     preference data gives weaker proxies that are overoptimized sooner (Gao et al. 2022, Fig. 4)."""
     train_workers: int = 0
-    """kind=independent|pretrain on CPU: members trained at once in this many processes, each with
+    """kind=independent|pretrain|warm on CPU: members trained at once in this many processes, each with
     this process's torch thread count; 0 = as many as the cores allow (up to K), 1 = one after
     another here. The weights do not depend on it (each member is seeded on its own)."""
     multihead_bootstrap: bool = True
@@ -236,6 +238,8 @@ class ProxyConfig:
     weights. Keep "loop" on CPU: vmap measured 1.3x (K=1) to 2.6x (K=5) slower there (BENCHMARKS.md)."""
 
     def check(self) -> None:
+        require(self.kind != "warm" or self.k >= 2, "proxy.k",
+                f"kind=warm averages the weights of proxy.k members and needs at least 2, got {self.k}")
         _positive(self, "proxy", "k", "epochs", "batch_size", "lora_r", "lora_alpha", "score_batch_size", "lr")
         _non_negative(self, "proxy", "offset_eta")
         _fraction(self, "proxy", "min_accuracy")
