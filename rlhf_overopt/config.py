@@ -424,10 +424,11 @@ def _value(cfg: Config, key: str) -> Any:
     return node
 
 
-def _check_member(name: str, k: int, key: str) -> None:
+def _check_member(name: str, k: int, key: str, warm: bool = False) -> None:
     index = check_aggregator_name(name, key)
     if index is not None:
-        require(index < k, key, f"{name} is out of range for an ensemble of proxy.k={k} members")
+        size = "a warm ensemble, which scores with one model (member_0)" if warm else f"an ensemble of proxy.k={k} members"
+        require(index < k, key, f"{name} is out of range for {size}")
 
 
 def validate(cfg: Config, *, check_paths: bool = True) -> None:
@@ -461,12 +462,15 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 
         validate_prompt_config(cfg, method.evaluates, check_paths)
 
-    # Ensemble members exist only up to proxy.k (the sections checked the names themselves).
-    _check_member(cfg.aggregate.name, cfg.proxy.k, "aggregate.name")
-    _check_member(cfg.madpo.margin_aggregator, cfg.proxy.k, "madpo.margin_aggregator")
+    # Ensemble members exist only up to proxy.k (the sections checked the names themselves); a warm
+    # ensemble scores with one model, the weight average of its k members.
+    scoring_k = 1 if cfg.proxy.kind == "warm" else cfg.proxy.k
+    warm = cfg.proxy.kind == "warm"
+    _check_member(cfg.aggregate.name, scoring_k, "aggregate.name", warm)
+    _check_member(cfg.madpo.margin_aggregator, scoring_k, "madpo.margin_aggregator", warm)
     for i, agg in enumerate(cfg.bon.aggregators):
         if agg != "members":
-            _check_member(agg, cfg.proxy.k, f"bon.aggregators[{i}]")
+            _check_member(agg, scoring_k, f"bon.aggregators[{i}]", warm)
     if cfg.method in COMPOSITE_METHODS:
         _validate_composite(cfg, check_paths)
     if cfg.method in GRPO_METHODS:

@@ -232,3 +232,11 @@ def test_bon_with_warm_proxies_on_the_tiny_testbed(tiny_testbed, tmp_path):
     proxies = json.loads((out / "proxies.json").read_text())
     assert proxies["kind"] == "warm" and proxies["k"] == 1 and proxies["warm"]["k_averaged"] == 2
     assert (Path(proxies["path"]) / WARM_MEMBERS_DIR / "member_1" / "config.json").is_file()
+
+
+def test_warm_member_names_beyond_member_0_are_rejected_before_work():
+    from rlhf_overopt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"bon.aggregators\[0\].*member_2 is out of range for a warm ensemble"):
+        load_config("configs/tiny/bon_ensemble.yaml", ["proxy.kind=warm", "bon.aggregators=[member_2]"])
+    load_config("configs/tiny/bon_ensemble.yaml", ["proxy.kind=warm", "bon.aggregators=[member_0, uwo]"])
