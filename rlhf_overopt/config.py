@@ -471,6 +471,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for i, agg in enumerate(cfg.bon.aggregators):
         if agg != "members":
             _check_member(agg, scoring_k, f"bon.aggregators[{i}]", warm)
+    _validate_shaping(cfg)
     if cfg.method in COMPOSITE_METHODS:
         _validate_composite(cfg, check_paths)
     if cfg.method in GRPO_METHODS:
@@ -507,6 +508,24 @@ def _validate_policy_training(cfg: Config, method: Method) -> None:
         require(cfg.deepspeed.zero_stage != 3, "policy.lora_r",
                 "LoRA runs at ZeRO stages 0-2 (its reference shares the policy's parameters, which ZeRO-3 partitions)")
         require(method.driver != "dpo", "policy.lora_r", f"LoRA is for the RL drivers, not {cfg.method}")
+
+
+SHAPING_METHODS = ("ppo", "grpo", "rloo")
+"""Methods whose training reward aggregate.shaping=par shapes."""
+
+
+def _validate_shaping(cfg: Config) -> None:
+    """aggregate.shaping=par shapes the sequence-level reward of the single-objective RL drivers.
+    The composite methods optimize component scores against thresholds and weights given in the
+    components' own units (and proxy_points reads gold against those units), and best-of-n and the
+    DPO family train on no reward: for them par would be ignored or change what a threshold means,
+    so it is refused."""
+    if cfg.aggregate.shaping == "none" or cfg.method in SHAPING_METHODS:
+        return
+    why = ("its constraint thresholds / reward weights are in unshaped component-score units"
+           if cfg.method in COMPOSITE_METHODS else "it trains on no RL reward")
+    raise ConfigError(f"aggregate.shaping: {cfg.aggregate.shaping} is not supported by method {cfg.method} ({why}); "
+                      f"use it with {', '.join(SHAPING_METHODS)}, or set aggregate.shaping=none")
 
 
 def _validate_composite(cfg: Config, check_paths: bool) -> None:

@@ -261,9 +261,16 @@ class AggregateConfig:
     """k in mean - k * std."""
     variance: Literal["population", "sample"] = "population"
     """Variance estimator across members (the paper's population variance by default)."""
+    shaping: Literal["none", "par"] = "none"
+    """none | par: PAR (Fu et al. 2025) replaces the aggregated score r by mean_j sigmoid(r - r_ref,j)
+    over par_references reference responses of the prompt, sampled once from the initial policy."""
+    par_references: int = 4
+    """k, the reference responses per prompt with shaping=par (sampled with ppo.temperature and
+    ppo.max_new_tokens, scored by the proxy members once, cached in <run>/par_references/)."""
 
     def check(self) -> None:
         _non_negative(self, "aggregate", "uwo_lambda", "std_k")
+        _positive(self, "aggregate", "par_references")
         check_aggregator_name(self.name, "aggregate.name")  # member_<i>'s range needs proxy.k: validate()
 
 
