@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,8 @@ def test_drawn_chunks_cover_every_drawn_prompt():
 # -- runs through the real command line ---------------------------------------------------------------
 
 
-def train(config: str, *args: str, cache: Path, check: bool = True):
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(TINY / config),
+def train(config: str, *args: str, cache: Path, check: bool = True, launcher: list[str] | None = None):
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "launch" / "train.py"), "--config", str(TINY / config),
            f"testbed.cache_dir={cache}", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -158,6 +159,19 @@ def test_references_are_cached_and_reused_on_resume(par_ppo_run, tiny_testbed, t
 
     assert strip(read_jsonl(out / "curves.jsonl")) == strip(read_jsonl(par_ppo_run / "curves.jsonl"))
     assert strip(read_jsonl(out / "train_stats.jsonl")) == strip(read_jsonl(par_ppo_run / "train_stats.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_references_do_not_depend_on_the_rank_count(par_ppo_run, tiny_testbed, tmp_path):
+    # ZeRO-3: each rank samples a padded equal share inside the gathered reference
+    out = tmp_path / "run"
+    train("ppo_ensemble.yaml", f"output_dir={out}", "aggregate.shaping=par", "deepspeed.zero_stage=3",
+          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29679"])
+    one = {n: b for n, (b, _) in reference_files(par_ppo_run).items()}
+    assert {n: b for n, (b, _) in reference_files(out).items()} == one
+    rows = read_jsonl(out / "curves.jsonl")
+    assert rows[0]["n_eval"] == 16 and all(0 < r["proxy_shaped"] < 1 for r in rows)
 
 
 @pytest.mark.slow
