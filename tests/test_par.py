@@ -100,7 +100,7 @@ def test_drawn_chunks_cover_every_drawn_prompt():
 def train(config: str, *args: str, cache: Path, check: bool = True, launcher: list[str] | None = None):
     cmd = [*(launcher or [sys.executable]), str(ROOT / "launch" / "train.py"), "--config", str(TINY / config),
            f"testbed.cache_dir={cache}", *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
