@@ -269,13 +269,15 @@ def soft_bon_probs(objective: torch.Tensor, n_grid: list[int], temperature: floa
         base = log_w[:, None, :] + sc[None, :, None] - torch.exp(sc[None, :, None] + log_w[:, None, :]) \
             + log_trap[a:a + chunk][None, :, None]
         for g, n in enumerate(n_grid):
-            part = torch.logsumexp(base + (n - 1) * log_phi[:, a:a + chunk, None], dim=1)
+            # phi underflows to 0 (log -inf) far right, where base is -inf too: skip 0 * -inf at n = 1
+            term = base if n == 1 else base + (n - 1) * log_phi[:, a:a + chunk, None]
+            part = torch.logsumexp(term, dim=1)
             log_int[g] = torch.logaddexp(log_int[g], part)
     n_t = torch.tensor([float(n) for n in n_grid], dtype=torch.float64, device=obj.device)[:, None, None]
     probs = torch.exp(torch.log(n_t / N) + log_int)
     total = probs.sum(dim=-1)
     worst = float((total - 1).abs().max())
-    if worst > tolerance:
+    if not worst <= tolerance:  # NaN fails too
         raise ValueError(f"soft_bon_probs: selection probabilities sum to 1 +- {worst:.2e} (tolerance {tolerance:g}) "
                          f"at temperature {temperature:g}; use a smaller step")
     return probs / total[..., None]

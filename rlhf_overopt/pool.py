@@ -177,6 +177,56 @@ def bon_curve_rows(member_scores: torch.Tensor, gold: torch.Tensor, aggregators:
     return rows
 
 
+def text_response_tokens(tokenizer, responses: list[str], ended: list[bool]) -> list[list[int]]:
+    """Token ids of pool responses read back from text: tokenize(response) without special tokens,
+    + EOS where the response ended (as a sampled response's mask counts it). A sampled pool's
+    own counts come from the sampler; this serves a pool that lacks them (bon.pool, older runs)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the policy tokenizer has no eos_token")
+    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    return [list(r) + ([eos] if e else []) for r, e in zip(ids, ended)]
+
+
+@torch.no_grad()
+def text_ref_logprobs(policy, tokenizer, prompts: list[str], responses: list[str], ended: list[bool], *,
+                      batch_size: int, progress: str = "") -> torch.Tensor:
+    """Summed response log-probs log pi_ref(y | x) at temperature 1 of pool rows given as text.
+
+    Queries are tokenized as the sampler does (`tokenize_prompts`, left-padded), responses by
+    `text_response_tokens`, right-padded; one no-grad `sequence_logprobs` pass per batch, the
+    policy in eval mode. Returns (B,) float32 on the CPU.
+    """
+    from rlhf_overopt.rollout import sequence_logprobs, tokenize_prompts
+
+    pad = tokenizer.pad_token_id  # tokenize_prompts refuses a tokenizer without a pad distinct from EOS
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from rlhf_overopt.progress import bar
+
+        starts = bar(starts, desc=progress, unit="batch")
+    try:
+        for a in starts:
+            query_ids, query_mask = tokenize_prompts(tokenizer, prompts[a:a + batch_size])
+            tokens = text_response_tokens(tokenizer, responses[a:a + batch_size], ended[a:a + batch_size])
+            width = max(1, max(map(len, tokens)))
+            response_ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+            response_mask = torch.zeros((len(tokens), width), dtype=torch.long)
+            for i, r in enumerate(tokens):
+                response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+                response_mask[i, :len(r)] = 1
+            logprobs = sequence_logprobs(policy, query_ids.to(device), query_mask.to(device), response_ids.to(device),
+                                         response_mask.to(device), temperature=1.0)
+            out.append(logprobs.sum(-1).float().cpu())
+    finally:
+        policy.train(was_training)
+    return torch.cat(out)
+
+
 def pool_samples(pool, n: int, pool_size: int) -> list[dict[str, Any]]:
     """The best and worst sample by member 0 for the first n prompts, as a readable table."""
     rows = []
