@@ -196,6 +196,9 @@ def text_ref_logprobs(policy, tokenizer, prompts: list[str], responses: list[str
     Queries are tokenized as the sampler does (`tokenize_prompts`, left-padded), responses by
     `text_response_tokens`, right-padded; one no-grad `sequence_logprobs` pass per batch, the
     policy in eval mode. Returns (B,) float32 on the CPU.
+    Text is scored in its canonical tokenization: a sampled response whose tokens were not
+    canonical (or whose bytes were not valid UTF-8, replaced on decoding) gets the log-prob of
+    another token sequence with the same text. A sampled pool stores the sampler's own values.
     """
     from rlhf_overopt.rollout import sequence_logprobs, tokenize_prompts
 
