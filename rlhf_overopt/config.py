@@ -471,6 +471,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for i, agg in enumerate(cfg.bon.aggregators):
         if agg != "members":
             _check_member(agg, scoring_k, f"bon.aggregators[{i}]", warm)
+    for i, agg in enumerate(cfg.bon.selector_aggregators):
+        if agg != "members":
+            _check_member(agg, scoring_k, f"bon.selector_aggregators[{i}]", warm)
     _validate_shaping(cfg)
     if cfg.method in COMPOSITE_METHODS:
         _validate_composite(cfg, check_paths)

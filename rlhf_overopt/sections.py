@@ -415,9 +415,38 @@ class BonConfig:
     """An existing scored pool to use instead of sampling one: a dataset (path or hub name) with
     prompt, response and gold score columns (and member scores when present; missing ones are computed
     by the proxies), e.g. Coste et al.'s released gold-scored generations."""
+    selectors: list[str] = field(default_factory=list)
+    """Selectors curved on the same pool besides argmax best-of-n: rbon_kl (regularized best-of-n,
+    objective + alpha * log pi_ref; Jinnai et al. 2024) and soft (pick y_i with probability
+    proportional to exp(r_i / lambda); Verdun et al. 2025). Empty: none."""
+    rbon_alphas: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    """alpha grid of rbon_kl (>= 0), weight of the summed response log-prob under the initial policy."""
+    soft_temperatures: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    """lambda grid of soft best-of-n (> 0), in units of the aggregated objective."""
+    selector_aggregators: list[str] = field(default_factory=lambda: ["member_0"])
+    """Aggregated objectives the selectors act on; 'members' expands to member_0 .. member_{K-1}."""
+
+    SELECTORS = ("rbon_kl", "soft")  # no annotation: a class constant, not a config key
 
     def check(self) -> None:
         _positive(self, "bon", "pool_size", "max_new_tokens", "batch_size", "temperature")
+        for i, name in enumerate(self.selectors):
+            require(name in self.SELECTORS, f"bon.selectors[{i}]",
+                    f"unknown selector {name!r} (known: {', '.join(self.SELECTORS)})")
+        for i, alpha in enumerate(self.rbon_alphas):
+            require(alpha >= 0, f"bon.rbon_alphas[{i}]", f"must be >= 0, got {alpha}")
+        for i, temperature in enumerate(self.soft_temperatures):
+            require(temperature > 0, f"bon.soft_temperatures[{i}]", f"must be positive, got {temperature}")
+        for i, agg in enumerate(self.selector_aggregators):
+            if agg != "members":
+                check_aggregator_name(agg, f"bon.selector_aggregators[{i}]")
+        if self.selectors:
+            require(len(self.selector_aggregators) > 0, "bon.selector_aggregators",
+                    "must name at least one aggregator when bon.selectors is set")
+            require("rbon_kl" not in self.selectors or len(self.rbon_alphas) > 0, "bon.rbon_alphas",
+                    "must hold at least one alpha when bon.selectors has rbon_kl")
+            require("soft" not in self.selectors or len(self.soft_temperatures) > 0, "bon.soft_temperatures",
+                    "must hold at least one temperature when bon.selectors has soft")
         require(0 < self.top_p <= 1, "bon.top_p", f"must be in (0, 1], got {self.top_p}")
         for i, agg in enumerate(self.aggregators):
             if agg != "members":
