@@ -15,6 +15,7 @@ results/ and compares, so a number typed into the README by hand fails it.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -133,13 +134,14 @@ def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, li
     """Best-of-n curves by (setting, objective) and seed: the setting is the values of the spec's
     `group_by` config keys (e.g. proxy.kind); every single member (member_i) is one objective,
     "single member (mean of K)", averaged within its seed."""
-    curves = [c for c in load_runs([results / spec["name"]]) if c.method == "bon"]
+    curves = [c for c in load_runs([results / spec["name"]], x=spec.get("x", "kl")) if c.method == "bon"]
     keys = spec.get("group_by", [])
     groups: dict[tuple[str, str], dict[int, list]] = {}
     for c in curves:
         setting = ", ".join(f"{k.split('.')[-1]} {_config_value(dict(c.config), k)}" for k in keys) or "-"
         agg = str(c.aggregator)
-        objective = "single member (mean of K)" if agg.startswith("member_") and spec.get("pool_members", True) else agg
+        single = re.fullmatch(r"member_\d+", agg) is not None
+        objective = "single member (mean of K)" if single and spec.get("pool_members", True) else agg
         groups.setdefault((setting, objective), {}).setdefault(c.seed if c.seed is not None else -1, []).append(c)
     return groups
 
@@ -147,7 +149,8 @@ def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, li
 def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """Best-of-n curves pooled over seeds per (setting, objective): peak gold, d at the peak, gold at
     the largest n and the drop (peak - gold at the largest n), as mean ± std [95% bootstrap interval]
-    over seeds (a seed's single-member numbers are the mean over its K members), and whether each
+    over seeds (a seed's single-member numbers are the mean over its K members; d is sqrt of the spec's
+    `x`: the analytic `kl` or the exact pool KL `kl_pool`), and whether each
     objective's peak and largest-n gold intervals overlap the single members' of the same setting."""
     groups = _bon_groups(spec, results)
     lines = ["| setting | objective | seeds | peak gold | d at peak | gold at the largest n (d) | drop |",
@@ -204,7 +207,8 @@ def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
                     label=f"{objective} ({len(per_seed)} seeds)")
             ax.fill_between(d, mean - sd, mean + sd, color=colors[objective], alpha=0.12)
         ax.set_title(setting)
-        ax.set_xlabel("sqrt(KL_bon), analytic")
+        ax.set_xlabel("sqrt(KL_bon), exact over the pool" if spec.get("x") == "kl_pool"
+                      else "sqrt(KL_bon) = sqrt(log n - (n-1)/n), analytic")
         ax.set_ylabel("gold - initial")
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.grid(alpha=0.3)
