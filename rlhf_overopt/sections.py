@@ -415,6 +415,10 @@ class BonConfig:
     """An existing scored pool to use instead of sampling one: a dataset (path or hub name) with
     prompt, response and gold score columns (and member scores when present; missing ones are computed
     by the proxies), e.g. Coste et al.'s released gold-scored generations."""
+    pool_scores: Literal["rescore", "keep"] = "rescore"
+    """What to do with member scores a bon.pool carries: rescore its responses with this run's proxies
+    (the curves are then this ensemble's, e.g. another proxy kind on the same pool), or keep them (the
+    pool's own ensemble, e.g. released scores; their member count must equal proxy.k)."""
     selectors: list[str] = field(default_factory=list)
     """Selectors curved on the same pool besides argmax best-of-n: rbon_kl (regularized best-of-n,
     objective + alpha * log pi_ref; Jinnai et al. 2024) and soft (pick y_i with probability

@@ -26,7 +26,7 @@ from rlhf_overopt import dist, seeds
 from rlhf_overopt.data import load_prompts
 from rlhf_overopt.data import policy_path as initial_policy_path
 from rlhf_overopt.engines import load_policy_model
-from rlhf_overopt.errors import check_finite
+from rlhf_overopt.errors import InputError, check_finite
 from rlhf_overopt.gold import GoldScorer
 from rlhf_overopt.lifecycle import RunContext
 from rlhf_overopt.models import check_vocabulary, load_tokenizer
@@ -110,7 +110,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
         if info.is_main:
             t = time.time()
             columns = read_scored_pool(b.pool, b.pool_size, cfg.eval.n_prompts)
-            if columns["proxy_scores"] is None or len(columns["proxy_scores"][0]) != ensemble.k:
+            kept = columns["proxy_scores"] is not None and b.pool_scores == "keep"
+            if kept and len(columns["proxy_scores"][0]) != ensemble.k:
+                raise InputError(f"bon.pool: {b.pool} carries {len(columns['proxy_scores'][0])} member scores per "
+                                 f"sample, bon.pool_scores=keep needs proxy.k={ensemble.k}")
+            if not kept:
                 log.info("best-of-n: scoring the %d samples of %s with %d proxies", len(columns["prompt"]), b.pool,
                          ensemble.k)
                 members = ensemble.score_texts(columns["prompt"], columns["response"], columns["ended"],
