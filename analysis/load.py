@@ -1,7 +1,9 @@
 """Read run directories into curves of gold and proxy score against KL.
 
 A run directory holds ``config.yaml``, ``curves.jsonl`` (one JSON object per evaluation point)
-and ``summary.json``. A best-of-n run stores one curve per aggregator in one file (rows over n);
+and ``summary.json``. A best-of-n run stores one curve per aggregator in one file (rows over n),
+and one per selector curve (row key ``curve``, e.g. "member_0+soft(lambda=0.3)": regularized or
+soft best-of-n on an aggregator, kept apart from that aggregator's plain curve);
 an RL run (PPO, DPO, MADPO, ...) stores one curve (rows over steps). A sweep is a folder of run
 directories, possibly nested; :func:`load_runs` accepts run directories and sweep folders alike.
 
@@ -70,7 +72,8 @@ class Curve:
     method: str
     """Optimizer, e.g. "bon", "ppo", "dpo", "madpo"."""
     aggregator: str | None
-    """Ensemble aggregation rule, e.g. "mean", "wco", "uwo"; None when neither rows nor config say."""
+    """Ensemble aggregation rule, e.g. "mean", "wco", "uwo"; for a best-of-n selector curve its
+    ``curve`` label (e.g. "member_0+rbon_kl(alpha=0.1)"); None when neither rows nor config say."""
     kl_coef: float | None
     """KL penalty coefficient (PPO-style RL), first row's value or the config's; None if absent."""
     beta: float | None
@@ -84,9 +87,10 @@ class Curve:
     n: FloatArray
     """(T,) best-of-n n of each point; NaN where the row has no ``n``."""
     kl: FloatArray
-    """(T,) KL(pi || pi_init) in nats."""
+    """(T,) KL(pi || pi_init) in nats: the row key the loader was asked for (``kl`` by default,
+    e.g. ``kl_pool`` for best-of-n's exact pool KL) where every row of the curve has it."""
     sqrt_kl: FloatArray
-    """(T,) d = sqrt(KL) in sqrt nats, as logged."""
+    """(T,) d = sqrt(KL) in sqrt nats, as logged (``sqrt_<key>``)."""
     proxy: FloatArray
     """(T,) aggregated proxy score minus the proxy of the smallest-KL point."""
     proxy_raw: FloatArray
@@ -174,8 +178,10 @@ def _collect_run_dirs(folder: Path, found: list[Path]) -> None:
         )
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[Curve]:
+def load_runs(paths: Iterable[str | Path], x: str = "kl") -> list[Curve]:
     """Load every curve from the given run directories and sweep folders.
+
+    ``x`` is the row key of the KL axis (see :func:`load_run`).
 
     Run directories reached twice (e.g. a sweep folder and one of its runs) are read once.
     Returns curves in the order their run directories were found.
@@ -191,14 +197,19 @@ def load_runs(paths: Iterable[str | Path]) -> list[Curve]:
             if key in seen:
                 continue
             seen.add(key)
-            curves.extend(load_run(run_dir))
+            curves.extend(load_run(run_dir, x))
     return curves
 
 
-def load_run(run_dir: str | Path) -> list[Curve]:
+def load_run(run_dir: str | Path, x: str = "kl") -> list[Curve]:
     """Load the curves of one run directory.
 
-    Rows of ``curves.jsonl`` are grouped into curves by (method, aggregator); a coefficient that
+    ``x`` names the KL the curves are drawn against: "kl" (default), or another row key with
+    its ``sqrt_`` twin, e.g. "kl_pool" (best-of-n's exact KL on the pool); a curve some of
+    whose rows lack it keeps "kl".
+
+    Rows of ``curves.jsonl`` are grouped into curves by (method, aggregator), a row's ``curve``
+    label standing for its aggregator when present (best-of-n selectors); a coefficient that
     changes from row to row (an adaptive KL controller) does not split a curve. Within a curve,
     rows are ordered by (step, n); a later row with the same (step, n) replaces an earlier one
     (a resumed run may log a point twice). Malformed lines are skipped with a
@@ -224,7 +235,7 @@ def load_run(run_dir: str | Path) -> list[Curve]:
             if row is None:
                 _warn_line(curves_path, lineno, problem)
                 continue
-            key = (row["method"], row.get("aggregator"))
+            key = (row["method"], row.get("curve") or row.get("aggregator"))
             count = len(row["proxy_member_scores"])
             expected = member_counts.setdefault(key, count)
             if count != expected:
@@ -239,7 +250,7 @@ def load_run(run_dir: str | Path) -> list[Curve]:
     if not groups:
         warnings.warn(f"{curves_path}: no valid evaluation rows", MalformedLineWarning, stacklevel=2)
     return [
-        _build_curve(run_path, curves_path, method, aggregator, rows, config, status)
+        _build_curve(run_path, curves_path, method, aggregator, rows, config, status, x)
         for (method, aggregator), rows in groups.items()
     ]
 
@@ -273,9 +284,9 @@ def _parse_row(line: str) -> tuple[dict[str, Any] | None, str]:
     members = row["proxy_member_scores"]
     if not isinstance(members, list) or not all(_is_number(v) for v in members):
         return None, "'proxy_member_scores' is not a list of numbers"
-    aggregator = row.get("aggregator")
-    if aggregator is not None and not isinstance(aggregator, str):
-        return None, "'aggregator' is not a string"
+    for key in ("aggregator", "curve"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return None, f"'{key}' is not a string"
     for key in ("n", "beta", "kl_coef", "gold_score_initial", "gold_stderr"):
         if row.get(key) is not None and not _is_number(row[key]):
             return None, f"'{key}' is not a number"
@@ -338,6 +349,7 @@ def _build_curve(
     rows: list[dict[str, Any]],
     config: Mapping[str, Any],
     status: str | None,
+    x: str = "kl",
 ) -> Curve:
     by_point: dict[tuple[int, float], dict[str, Any]] = {}
     for row in rows:
@@ -353,7 +365,9 @@ def _build_curve(
         )
     ordered = [by_point[key] for key in sorted(by_point)]
 
-    kl = np.array([float(r["kl"]) for r in ordered], dtype=np.float64)
+    if not all(_is_number(r.get(x)) and _is_number(r.get(f"sqrt_{x}")) for r in ordered):
+        x = "kl"
+    kl = np.array([float(r[x]) for r in ordered], dtype=np.float64)
     proxy_raw = np.array([float(r["proxy_score"]) for r in ordered], dtype=np.float64)
     gold_raw = np.array([float(r["gold_score"]) for r in ordered], dtype=np.float64)
     members = np.array(
@@ -388,7 +402,7 @@ def _build_curve(
         step=np.array([int(r["step"]) for r in ordered], dtype=np.int64),
         n=_optional_column(ordered, "n"),
         kl=kl,
-        sqrt_kl=np.array([float(r["sqrt_kl"]) for r in ordered], dtype=np.float64),
+        sqrt_kl=np.array([float(r[f"sqrt_{x}"]) for r in ordered], dtype=np.float64),
         proxy=proxy_raw - proxy_raw[base],
         proxy_raw=proxy_raw,
         gold=gold_raw - gold_initial,

@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m analysis.report RUN_DIR [RUN_DIR ...] --out DIR [--form auto|bon|rl]
+    python -m analysis.report RUN_DIR [RUN_DIR ...] --out DIR [--form auto|bon|rl] [--x kl|kl_pool]
                               [--members] [--wandb]
 
 Each RUN_DIR is a run directory or a sweep folder of run directories. For every method found
@@ -48,6 +48,8 @@ from analysis.load import Curve, RunDirError, load_for_cli, load_runs
 from analysis.plots import FittedForm, plot_frontier, plot_member_spread, plot_method_curves
 
 FORMS = ("auto", "bon", "rl")
+X_KEYS = ("kl", "kl_pool")
+"""Row keys the KL axis can be read from (``--x``)."""
 _FITTERS: dict[str, tuple[Callable[[Any, Any], FitResult], Callable[[float, float], float]]] = {
     "bon": (fit_bon, predicted_peak_bon),
     "rl": (fit_rl, predicted_peak_rl),
@@ -460,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="functional form to fit (auto: bon for method 'bon', rl otherwise)",
     )
     parser.add_argument(
+        "--x",
+        choices=X_KEYS,
+        default="kl",
+        help="KL of the x-axis and the fits: kl (logged; for best-of-n the analytic log n - (n-1)/n) or kl_pool "
+        "(best-of-n's exact KL on the pool, identical responses merged; curves without it keep kl)",
+    )
+    parser.add_argument(
         "--members", action="store_true", help="also plot each curve's ensemble member scores"
     )
     parser.add_argument(
@@ -476,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
 
-    curves = load_for_cli(lambda: load_runs(args.run_dirs), (RunDirError,))
+    curves = load_for_cli(lambda: load_runs(args.run_dirs, x=args.x), (RunDirError,))
     if curves is None:
         return 2
     if not curves:

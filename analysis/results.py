@@ -15,15 +15,18 @@ results/ and compares, so a number typed into the README by hand fails it.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from analysis.load import find_run_dirs, load_runs
 from analysis.seeds import Pooled, group_by_setting, pooled_curve, pooled_summary
+from analysis.trajectories import summary_row
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -39,14 +42,16 @@ def experiments(results: Path = RESULTS) -> dict[str, dict]:
 def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[Path]:
     """Copy the records of every run under `sources` into results/<name>/<run>/; returns them."""
     out = []
-    for source in sources:
-        for run in find_run_dirs(source):
-            target = results / name / run.name
-            target.mkdir(parents=True, exist_ok=True)
-            for f in RECORD_FILES:
-                if (run / f).exists():
-                    shutil.copyfile(run / f, target / f)
-            out.append(target)
+    runs = [run for source in sources for run in find_run_dirs(source)]
+    names = [run.name for run in runs]
+    for run in runs:
+        # runs of different sweeps may share a name (seed0 of two sweeps): then the sweep's folder prefixes it
+        target = results / name / (run.name if names.count(run.name) == 1 else f"{run.parent.name}-{run.name}")
+        target.mkdir(parents=True, exist_ok=True)
+        for f in RECORD_FILES:
+            if (run / f).exists():
+                shutil.copyfile(run / f, target / f)
+        out.append(target)
     return out
 
 
@@ -118,8 +123,105 @@ def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     return out
 
 
-TABLES = {"rl_seeds": rl_seeds_table}
-FIGURES = {"rl_seeds": rl_seeds_figure}
+def _config_value(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, list]]:
+    """Best-of-n curves by (setting, objective) and seed: the setting is the values of the spec's
+    `group_by` config keys (e.g. proxy.kind); every single member (member_i) is one objective,
+    "single member (mean of K)", averaged within its seed."""
+    curves = [c for c in load_runs([results / spec["name"]], x=spec.get("x", "kl")) if c.method == "bon"]
+    keys = spec.get("group_by", [])
+    groups: dict[tuple[str, str], dict[int, list]] = {}
+    for c in curves:
+        setting = ", ".join(f"{k.split('.')[-1]} {_config_value(dict(c.config), k)}" for k in keys) or "-"
+        agg = str(c.aggregator)
+        single = re.fullmatch(r"member_\d+", agg) is not None
+        objective = "single member (mean of K)" if single and spec.get("pool_members", True) else agg
+        groups.setdefault((setting, objective), {}).setdefault(c.seed if c.seed is not None else -1, []).append(c)
+    return groups
+
+
+def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
+    """Best-of-n curves pooled over seeds per (setting, objective): peak gold, d at the peak, gold at
+    the largest n and the drop (peak - gold at the largest n), as mean ± std [95% bootstrap interval]
+    over seeds (a seed's single-member numbers are the mean over its K members; d is sqrt of the spec's
+    `x`: the analytic `kl` or the exact pool KL `kl_pool`), and whether each
+    objective's peak and largest-n gold intervals overlap the single members' of the same setting."""
+    groups = _bon_groups(spec, results)
+    lines = ["| setting | objective | seeds | peak gold | d at peak | gold at the largest n (d) | drop |",
+             "|---|---|---|---|---|---|---|"]
+    pooled: dict[tuple[str, str], dict[str, Pooled]] = {}
+    order = spec.get("objectives")
+    for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]) if order and k[1] in order else len(order or ()),
+                                            k[1])):
+        if order and key[1] not in order:
+            continue
+        per_seed = []
+        for seed, curves in sorted(groups[key].items()):
+            rows = [summary_row(c, []) for c in curves]
+            per_seed.append({f: float(np.mean([r[f] for r in rows])) for f in ("peak", "d_peak", "final", "d_final",
+                                                                                 "drop")})
+        s = {f: Pooled.of([r[f] for r in per_seed]) for f in per_seed[0]}
+        pooled[key] = s
+        lines.append(f"| {key[0]} | {key[1]} | {len(per_seed)} | {s['peak'].text()} | {s['d_peak'].mean:.2f} | "
+                     f"{s['final'].text()} ({s['d_final'].mean:.2f}) | {s['drop'].text()} |")
+    notes = []
+    for (setting, objective), s in pooled.items():
+        single = pooled.get((setting, "single member (mean of K)"))
+        if single is None or objective == "single member (mean of K)":
+            continue
+        verdicts = [f"{what} {'overlap' if s[f].overlaps(single[f]) else 'do not overlap'}"
+                    for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
+        notes.append(f"{setting}: {objective} vs single members: " + "; ".join(verdicts))
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """Gold against sqrt(KL) per objective, mean ± std band over seeds, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _bon_groups(spec, results)
+    settings = sorted({s for s, _ in groups})
+    objectives = sorted({o for _, o in groups})
+    colors = {o: f"C{i % 10}" for i, o in enumerate(objectives)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for objective in objectives:
+            seeds = groups.get((setting, objective))
+            if not seeds or (spec.get("objectives") and objective not in spec["objectives"]):
+                continue
+            # a seed's curve: the mean over its curves (its K members for the single-member row)
+            per_seed = [np.mean([c.gold for c in cs], axis=0) for _, cs in sorted(seeds.items())]
+            d = next(iter(seeds.values()))[0].sqrt_kl
+            mean, sd = np.mean(per_seed, axis=0), (np.std(per_seed, axis=0, ddof=1) if len(per_seed) > 1
+                                                   else np.zeros(len(d)))
+            ax.plot(d, mean, marker="o", markersize=3, color=colors[objective],
+                    label=f"{objective} ({len(per_seed)} seeds)")
+            ax.fill_between(d, mean - sd, mean + sd, color=colors[objective], alpha=0.12)
+        ax.set_title(setting)
+        ax.set_xlabel("sqrt(KL_bon), exact over the pool" if spec.get("x") == "kl_pool"
+                      else "sqrt(KL_bon) = sqrt(log n - (n-1)/n), analytic")
+        ax.set_ylabel("gold - initial")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table}
+FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure}
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -437,10 +437,11 @@ def _value(cfg: Config, key: str) -> Any:
     return node
 
 
-def _check_member(name: str, k: int, key: str) -> None:
+def _check_member(name: str, k: int, key: str, warm: bool = False) -> None:
     index = check_aggregator_name(name, key)
     if index is not None:
-        require(index < k, key, f"{name} is out of range for an ensemble of proxy.k={k} members")
+        size = "a warm ensemble, which scores with one model (member_0)" if warm else f"an ensemble of proxy.k={k} members"
+        require(index < k, key, f"{name} is out of range for {size}")
 
 
 def validate(cfg: Config, *, check_paths: bool = True) -> None:
@@ -474,12 +475,19 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 
         validate_prompt_config(cfg, method.evaluates, check_paths)
 
-    # Ensemble members exist only up to proxy.k (the sections checked the names themselves).
-    _check_member(cfg.aggregate.name, cfg.proxy.k, "aggregate.name")
-    _check_member(cfg.madpo.margin_aggregator, cfg.proxy.k, "madpo.margin_aggregator")
+    # Ensemble members exist only up to proxy.k (the sections checked the names themselves); a warm
+    # ensemble scores with one model, the weight average of its k members.
+    scoring_k = 1 if cfg.proxy.kind == "warm" else cfg.proxy.k
+    warm = cfg.proxy.kind == "warm"
+    _check_member(cfg.aggregate.name, scoring_k, "aggregate.name", warm)
+    _check_member(cfg.madpo.margin_aggregator, scoring_k, "madpo.margin_aggregator", warm)
     for i, agg in enumerate(cfg.bon.aggregators):
         if agg != "members":
-            _check_member(agg, cfg.proxy.k, f"bon.aggregators[{i}]")
+            _check_member(agg, scoring_k, f"bon.aggregators[{i}]", warm)
+    for i, agg in enumerate(cfg.bon.selector_aggregators):
+        if agg != "members":
+            _check_member(agg, scoring_k, f"bon.selector_aggregators[{i}]", warm)
+    _validate_shaping(cfg)
     if cfg.method in COMPOSITE_METHODS:
         _validate_composite(cfg, check_paths)
     if cfg.method in GRPO_METHODS:
@@ -518,6 +526,24 @@ def _validate_policy_training(cfg: Config, method: Method) -> None:
         require(cfg.deepspeed.zero_stage != 3, "policy.lora_r",
                 "LoRA runs at ZeRO stages 0-2 (its reference shares the policy's parameters, which ZeRO-3 partitions)")
         require(method.driver != "dpo", "policy.lora_r", f"LoRA is for the RL drivers, not {cfg.method}")
+
+
+SHAPING_METHODS = ("ppo", "grpo", "rloo")
+"""Methods whose training reward aggregate.shaping=par shapes."""
+
+
+def _validate_shaping(cfg: Config) -> None:
+    """aggregate.shaping=par shapes the sequence-level reward of the single-objective RL drivers.
+    The composite methods optimize component scores against thresholds and weights given in the
+    components' own units (and proxy_points reads gold against those units), and best-of-n and the
+    DPO family train on no reward: for them par would be ignored or change what a threshold means,
+    so it is refused."""
+    if cfg.aggregate.shaping == "none" or cfg.method in SHAPING_METHODS:
+        return
+    why = ("its constraint thresholds / reward weights are in unshaped component-score units"
+           if cfg.method in COMPOSITE_METHODS else "it trains on no RL reward")
+    raise ConfigError(f"aggregate.shaping: {cfg.aggregate.shaping} is not supported by method {cfg.method} ({why}); "
+                      f"use it with {', '.join(SHAPING_METHODS)}, or set aggregate.shaping=none")
 
 
 def _validate_composite(cfg: Config, check_paths: bool) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlhf_overopt.members import LoraMembers, MultiHeadMembers, SeparateMembers
+from rlhf_overopt.members import LoraMembers, MultiHeadMembers, SeparateMembers, WarmMembers
 from rlhf_overopt.models import (
     check_tokenizer,
     left_pad,
@@ -49,6 +49,7 @@ MEMBERS_OF_KIND = {
     "pretrain": SeparateMembers,
     "multihead": MultiHeadMembers,
     "lora": LoraMembers,
+    "warm": WarmMembers,
 }
 """The members class that loads each saved kind."""
 
@@ -85,6 +86,7 @@ class ProxyEnsemble:
         failed_members: Sequence[str] = (),
         dropped_members: Sequence[str] = (),
         train_config: dict[str, Any] | None = None,
+        warm: dict[str, Any] | None = None,
     ) -> None:
         if score_method not in ("loop", "vmap"):
             raise ValueError(f"score_method must be 'loop' or 'vmap', got {score_method!r}")
@@ -102,6 +104,9 @@ class ProxyEnsemble:
         self.failed_members: list[str] = list(failed_members)
         self.dropped_members: list[str] = list(dropped_members)
         self.train_config: dict[str, Any] = dict(train_config or {})
+        # kind=warm: what was averaged (K, seeds, the shared init's hash, each member's and the
+        # average's validation accuracy; rm_training); None for other kinds.
+        self.warm: dict[str, Any] | None = None if warm is None else dict(warm)
         self._check_members()
 
     def _check_members(self) -> None:
@@ -116,7 +121,7 @@ class ProxyEnsemble:
 
     @property
     def kind(self) -> str:
-        """independent | pretrain | multihead | lora."""
+        """independent | pretrain | multihead | lora | warm."""
         return self.members.kind
 
     @property
@@ -346,6 +351,7 @@ class ProxyEnsemble:
 
         Layout: ensemble.json (kind, members, standardization stats, accuracies, training config),
         tokenizer/, and per kind: member_<i>/ save_pretrained folders (independent, pretrain);
+        member_0/ (the weight average) + members/member_<i>/ (the K averaged members) (warm);
         backbone/ + heads.safetensors (multihead); base/ + member_<i>/ peft adapter folders
         (lora). Everything is written into a temporary sibling folder that replaces `directory`
         only when complete, so a killed run never leaves a half-written ensemble.
@@ -394,6 +400,8 @@ class ProxyEnsemble:
             "score_method": self.score_method,
             "train_config": self.train_config,
         }
+        if self.warm is not None:
+            meta["warm"] = self.warm
         (out / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
@@ -434,5 +442,6 @@ class ProxyEnsemble:
             failed_members=meta["failed_members"],
             dropped_members=meta["dropped_members"],
             train_config=meta["train_config"],
+            warm=meta.get("warm"),
         )
         return ensemble.to(device)

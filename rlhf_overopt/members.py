@@ -19,6 +19,9 @@ Kinds (Coste et al. 2023; Eisenstein et al. 2023, "Helping or Herding?"):
   Independent members share a backbone and differ by seed (a finetune ensemble); pretrain members
   each start from their own pretraining run. Scored in a loop, or in one `torch.func.vmap` call
   over the stacked member weights when every member has the same architecture.
+- ``warm`` (`WarmMembers`): one sequence-classification model, the uniform weight average of K
+  members fine-tuned from one initialization (Ramé et al. 2024, arXiv:2401.12187); it scores at
+  the cost of one member. The K averaged members are kept on disk under members/.
 - ``multihead`` (`MultiHeadMembers`): one shared transformer and a Linear(d, K) head; one forward
   gives all K scores, about 1/K of the cost of K models.
 - ``lora`` (`LoraMembers`): one frozen sequence-classification base and K peft LoRA adapters,
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +52,8 @@ from rlhf_overopt.models import (
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.safetensors"
+WARM_MEMBERS_DIR = "members"
+"""The folder of a saved warm ensemble that holds the K members its one model averages."""
 
 
 def _seq_cls(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -153,6 +159,45 @@ class SeparateMembers:
     def load(cls, root: Path, names: Sequence[str], *, kind: str, dtype: torch.dtype,
              trust_remote_code: bool) -> SeparateMembers:
         return cls(kind, names, [_seq_cls(root / name, dtype, trust_remote_code) for name in names])
+
+
+class WarmMembers(SeparateMembers):
+    """One weight-averaged reward model (kind warm), and the K members it averages.
+
+    Scoring sees a single member (`names` == ["member_0"]), so aggregators reduce to it. The
+    averaged members are `trained` (in memory, right after training) or `source` (the members/
+    folder of a loaded ensemble); either is written to members/member_<i>/ so the average can be
+    checked against them.
+    """
+
+    def __init__(self, names: Sequence[str], models: Sequence[nn.Module], *, trained: Sequence[nn.Module] = (),
+                 trained_names: Sequence[str] = (), source: Path | None = None) -> None:
+        if len(models) != 1:
+            raise ValueError(f"warm: one averaged model expected, got {len(models)}")
+        if len(trained) != len(trained_names):
+            raise ValueError(f"warm: {len(trained)} averaged members for {len(trained_names)} names")
+        super().__init__("warm", names, models)
+        self.trained: list[nn.Module] = list(trained)
+        self.trained_names: list[str] = list(trained_names)
+        self.source = source
+
+    def write(self, out: Path) -> None:
+        """member_0/ (the average) and members/member_<i>/ (the averaged members), save_pretrained."""
+        super().write(out)
+        target = out / WARM_MEMBERS_DIR
+        if self.trained:
+            with quiet_transformers():
+                for name, model in zip(self.trained_names, self.trained):
+                    model.save_pretrained(str(target / name))
+        elif self.source is not None and self.source.is_dir():
+            shutil.copytree(self.source, target)
+
+    @classmethod
+    def load(cls, root: Path, names: Sequence[str], *, kind: str, dtype: torch.dtype,
+             trust_remote_code: bool) -> WarmMembers:
+        """The averaged model only; the members stay on disk (members/), carried over by `write`."""
+        models = [_seq_cls(root / name, dtype, trust_remote_code) for name in names]
+        return cls(names, models, source=root / WARM_MEMBERS_DIR)
 
 
 # ---------------------------------------------------------------------------------------------

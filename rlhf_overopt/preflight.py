@@ -106,7 +106,7 @@ def describe(cfg: Config, world: int, stand_ins: dict[str, str] | None = None) -
             backbone = cfg.policy.path if cfg.proxy.backbone == "policy" else cfg.proxy.backbone
             member = model_info(f"proxy member x{cfg.proxy.k} ({cfg.proxy.kind})", backbone, stand_ins,
                                 classifier=True, testbed_cfg=cfg.testbed)
-            count = 1 if cfg.proxy.kind in ("multihead", "lora") else cfg.proxy.k
+            count = 1 if cfg.proxy.kind in ("multihead", "lora", "warm") else cfg.proxy.k
             if method.composite:
                 count *= len(cfg.components.names)
             models.append((ModelInfo(member.role, member.source, member.architecture, member.parameters * count,

@@ -238,7 +238,8 @@ def ensemble_dir(cfg: Config, testbed) -> Path:
 
 def first_member_backbone(root: Path) -> Path:
     """A transformer checkpoint inside a saved ensemble to initialize a value model from:
-    member_0 (independent, pretrain), the shared backbone (multihead) or the base (lora)."""
+    member_0 (independent, pretrain; warm: the weight average), the shared backbone (multihead) or
+    the base (lora)."""
     for name in ("member_0", "backbone", "base"):
         if (root / name / "config.json").exists():
             return root / name
@@ -246,8 +247,9 @@ def first_member_backbone(root: Path) -> Path:
 
 
 def proxy_report(ensemble: ProxyEnsemble, out_dir: Path) -> dict[str, Any]:
-    """What proxies.json records: where the ensemble lives, its members and their accuracies."""
-    return {
+    """What proxies.json records: where the ensemble lives, its members and their accuracies (for
+    warm also what was averaged: K, seeds, init hash, each averaged member's accuracy)."""
+    report = {
         "path": str(out_dir),
         "dataset": ensemble.train_config.get("dataset", "testbed"),
         "kind": ensemble.kind,
@@ -258,6 +260,9 @@ def proxy_report(ensemble: ProxyEnsemble, out_dir: Path) -> dict[str, Any]:
         "failed_members": ensemble.failed_members,
         "dropped_members": ensemble.dropped_members,
     }
+    if ensemble.warm is not None:
+        report["warm"] = ensemble.warm
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ standardized `ProxyEnsemble`, saved when asked. Per kind (rlhf_overopt/members.p
   the members can train at once in spawned worker processes, with bit-identical weights.
 - ``pretrain``: member i's backbone comes from its own pretraining run, `make_backbone(1000 +
   seed + i)` (Eisenstein et al. 2023: pretrain ensembles beat finetune ensembles).
+- ``warm``: K members trained as independent ones but from ONE initialization: the same backbone
+  and the same head init (seed `seed` for every member), differing only in data order (seed `seed
+  + i`); their weights are then averaged uniformly into one model (`rlhf_overopt.warm`; Ramé et
+  al. 2024, "WARM", arXiv:2401.12187), the ensemble's single member, and the K members are kept
+  under members/.
 - ``multihead``: one shared transformer and a Linear(d, K) head. Heads differ by init seed and,
   with `multihead_bootstrap`, by data: each head's Bradley–Terry loss is computed on its own
   resample with replacement of every batch (an online bootstrap), and the loss summed over heads
@@ -39,7 +44,13 @@ from rlhf_overopt.config import ProxyConfig
 from rlhf_overopt.ensemble import ProxyEnsemble
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.losses import bradley_terry_loss
-from rlhf_overopt.members import LoraMembers, MultiHeadMembers, MultiHeadRewardModel, SeparateMembers
+from rlhf_overopt.members import (
+    LoraMembers,
+    MultiHeadMembers,
+    MultiHeadRewardModel,
+    SeparateMembers,
+    WarmMembers,
+)
 from rlhf_overopt.models import (
     backbone_from_pretrained,
     check_tokenizer,
@@ -53,10 +64,11 @@ from rlhf_overopt.models import (
     tokenize_for_reward,
 )
 from rlhf_overopt.progress import bar
+from rlhf_overopt.warm import average_state_dicts, state_dict_hash
 
 logger = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("independent", "pretrain", "multihead", "lora")
+KINDS: tuple[str, ...] = ("independent", "pretrain", "multihead", "lora", "warm")
 PRETRAIN_SEED_OFFSET = 1000
 """Member i of a pretrain ensemble gets its backbone from `make_backbone(1000 + seed + i)`."""
 PAD_TOKEN = "<|pad|>"
@@ -340,52 +352,70 @@ def member_workers(requested: int, k: int, device: torch.device | str) -> int:
     return max(1, min(k, cores // max(torch.get_num_threads(), 1)))
 
 
-def _member_worker(job: dict[str, Any]) -> tuple[int, bytes, dict[str, float]]:
-    """One independent member trained in a worker process: its weights as safetensors bytes and
-    its last-epoch statistics. Same seed, thread count and data as the in-process path, so the
-    same weights."""
+def _member_worker(job: dict[str, Any]) -> tuple[int, bytes, dict[str, float], str]:
+    """One independent (or warm) member trained in a worker process: its weights as safetensors
+    bytes, its last-epoch statistics and the hash of its initial weights. Same seeds, thread count
+    and data as the in-process path, so the same weights."""
     from safetensors.torch import save
 
     torch.set_num_threads(job["threads"])
-    model = _member_model(job["path"], job["vocab"], job["pad"], job["seed"], job["cfg"])
+    model = _member_model(job["path"], job["vocab"], job["pad"], job["init_seed"], job["cfg"])
+    init_hash = state_dict_hash(model.state_dict())
     model.train()
     stats = _fit_bradley_terry(_one_head(model), list(model.parameters()), job["pairs"], pad_token_id=job["pad"],
                                n_heads=1, cfg=job["cfg"], seed=job["seed"], device=torch.device("cpu"),
                                desc=job["name"], progress=False)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    return job["index"], save(state), stats
+    return job["index"], save(state), stats, init_hash
 
 
 def _train_members_in_processes(paths: Sequence[str], names: Sequence[str], seeds: Sequence[int],
-                                pairs: EncodedPairs, pad: int, vocab: int, cfg: ProxyConfig, workers: int,
-                                progress: bool) -> list[nn.Module]:
-    """Train independent members in `workers` spawned processes (CPU); returns them in order, in
-    eval mode. Weights travel back as safetensors bytes, not pickles."""
+                                init_seeds: Sequence[int], pairs: EncodedPairs, pad: int, vocab: int,
+                                cfg: ProxyConfig, workers: int,
+                                progress: bool) -> tuple[list[nn.Module], list[str]]:
+    """Train independent members in `workers` spawned processes (CPU): member i's head is
+    initialized from init_seeds[i] and its data ordered by seeds[i]. Returns the members in order,
+    in eval mode, and the hashes of their initial weights. Weights travel back as safetensors
+    bytes, not pickles."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from safetensors.torch import load
 
     threads = torch.get_num_threads()
-    jobs = [{"index": i, "name": names[i], "path": str(paths[i]), "seed": seeds[i], "pad": pad, "vocab": vocab,
-             "cfg": cfg, "pairs": pairs, "threads": threads} for i in range(len(names))]
+    jobs = [{"index": i, "name": names[i], "path": str(paths[i]), "seed": seeds[i], "init_seed": init_seeds[i],
+             "pad": pad, "vocab": vocab, "cfg": cfg, "pairs": pairs, "threads": threads}
+            for i in range(len(names))]
     logger.info("training %d proxy members in %d processes (%d thread(s) each)", len(jobs), workers, threads)
     states: dict[int, dict[str, torch.Tensor]] = {}
+    init_hashes: dict[int, str] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_member_worker, job) for job in jobs]
         with bar(total=len(jobs), desc="proxy members", unit="member", disable=not progress) as pbar:
             for future in as_completed(futures):
-                index, blob, stats = future.result()
+                index, blob, stats, init_hashes[index] = future.result()
                 states[index] = load(blob)
                 logger.info("proxy %s: last epoch train loss %.4f, accuracy %.3f", names[index],
                             stats["train_loss"], stats["train_accuracy"])
                 pbar.update(1)
     models = []
     for i in range(len(jobs)):
-        model = _member_model(paths[i], vocab, pad, seeds[i], cfg)
+        model = _member_model(paths[i], vocab, pad, init_seeds[i], cfg)
         model.load_state_dict(states[i])
         models.append(model.eval())
-    return models
+    return models, [init_hashes[i] for i in range(len(jobs))]
+
+
+def _warm_average(models: Sequence[nn.Module], init_hashes: Sequence[str], path: str, vocab: int, pad: int,
+                  init_seed: int, cfg: ProxyConfig) -> nn.Module:
+    """One model holding the uniform weight average of `models` (WARM), which must all have started
+    from the same weights (equal `init_hashes`, else RuntimeError); in eval mode, on the CPU."""
+    if len(set(init_hashes)) != 1:
+        raise RuntimeError(f"kind=warm: the members did not start from one initialization (init hashes "
+                           f"{list(init_hashes)}); their weights cannot be averaged")
+    average = _member_model(path, vocab, pad, init_seed, cfg)
+    average.load_state_dict(average_state_dicts([m.state_dict() for m in models]))
+    return average.eval()
 
 
 def train_ensemble(
@@ -405,9 +435,9 @@ def train_ensemble(
 ) -> ProxyEnsemble:
     """Train a K-member proxy ensemble with the Bradley–Terry loss on (noisy) preference labels.
 
-    kind: independent | pretrain | multihead | lora (module docstring). `backbone_path` is a
-    causal-LM or sequence-classification checkpoint (the SFT policy, or any other); for
-    kind=pretrain it is unused and member i's backbone is `make_backbone(1000 + seed + i)`.
+    kind: independent | pretrain | multihead | lora | warm (module docstring; warm needs cfg.k >= 2).
+    `backbone_path` is a causal-LM or sequence-classification checkpoint (the SFT policy, or any
+    other); for kind=pretrain it is unused and member i's backbone is `make_backbone(1000 + seed + i)`.
     `tokenizer` is the backbone's own (`proxy_tokenizer`), which need not be the policy's: members
     whose embeddings lack a row for its (added) pad token are resized. Before training the
     vocabulary and the context (every response must fit the token cap) are checked.
@@ -424,6 +454,9 @@ def train_ensemble(
         raise ValueError(f"unknown proxy kind {kind!r} (known: {', '.join(KINDS)})")
     if cfg.k < 1:
         raise ValueError(f"proxy.k must be >= 1, got {cfg.k}")
+    if kind == "warm" and cfg.k < 2:
+        raise ValueError(f"proxy.k must be >= 2 for kind=warm (it averages the weights of K members), "
+                         f"got {cfg.k}")
     if cfg.max_length < 0 or cfg.weight_decay < 0:
         raise ValueError("proxy.max_length and proxy.weight_decay must be >= 0")
     if kind == "pretrain" and make_backbone is None:
@@ -482,20 +515,37 @@ def train_ensemble(
         raise ValueError("the proxy training set is empty")
 
     # 2. build and train the members
-    if kind in ("independent", "pretrain"):
+    warm = None
+    if kind in ("independent", "pretrain", "warm"):
         paths = [first_path] + [member_path(i) for i in range(1, cfg.k)]
+        # warm members share one initialization, the reward head's too, and differ only in data
+        # order (Ramé et al. 2024: weights fine-tuned from one init stay linearly mode connected).
+        init_seeds = [seed] * cfg.k if kind == "warm" else seeds
         workers = member_workers(cfg.train_workers, cfg.k, device)
         if workers > 1:
-            models = _train_members_in_processes(paths, names, seeds, train_pairs, pad, vocab, cfg, workers,
-                                                 progress)
+            models, init_hashes = _train_members_in_processes(paths, names, seeds, init_seeds, train_pairs,
+                                                              pad, vocab, cfg, workers, progress)
         else:
-            models = []
+            models, init_hashes = [], []
             for i, name in enumerate(names):
-                model = _member_model(paths[i], vocab, pad, seeds[i], cfg).to(device)
+                model = _member_model(paths[i], vocab, pad, init_seeds[i], cfg).to(device)
+                if kind == "warm":
+                    init_hashes.append(state_dict_hash(model.state_dict()))
                 model.train()
                 fit(_one_head(model), model.parameters(), 1, seeds[i], name)
                 models.append(model.eval())
-        members = SeparateMembers(kind, names, models)
+        if kind == "warm":
+            average = _warm_average(models, init_hashes, first_path, vocab, pad, seed, cfg).to(device)
+            trained = ProxyEnsemble(SeparateMembers("independent", names, models), tokenizer,
+                                    max_length=max_length, score_batch_size=cfg.score_batch_size,
+                                    standardize=False)
+            noisy, clean = trained.evaluate(val_pairs)
+            warm = {"k_averaged": cfg.k, "members": names, "init_seed": seed, "data_seeds": seeds,
+                    "init_hash": init_hashes[0], "member_val_accuracy": noisy,
+                    "member_val_accuracy_clean": clean}
+            members = WarmMembers(["member_0"], [average], trained=models, trained_names=names)
+        else:
+            members = SeparateMembers(kind, names, models)
     elif kind == "multihead":
         backbone = fit_embeddings(backbone_from_pretrained(first_path, n_layer=cfg.n_layer), vocab)
         model = MultiHeadRewardModel(backbone, seeds).to(device)
@@ -533,10 +583,17 @@ def train_ensemble(
         standardize=cfg.standardize,
         score_method=cfg.score_method,
         train_config={**dataclasses.asdict(cfg), "kind": kind, "seed": seed, "member_backbones": backbones},
+        warm=warm,
     )
 
-    # 3. validation accuracy, failed members
+    # 3. validation accuracy, failed members (for warm: of the average, beside its members')
     ensemble.check_members(val_pairs, cfg.min_accuracy, cfg.on_failed_member)
+    if ensemble.warm is not None:
+        ensemble.warm["averaged_val_accuracy"] = ensemble.val_accuracy["member_0"]
+        ensemble.warm["averaged_val_accuracy_clean"] = ensemble.val_accuracy_clean["member_0"]
+        logger.info("proxy warm: the average of %d members has val accuracy %.3f (members: %s)", cfg.k,
+                    ensemble.warm["averaged_val_accuracy"],
+                    ", ".join(f"{a:.3f}" for a in ensemble.warm["member_val_accuracy"].values()))
 
     # 4. standardization on initial-policy responses (Coste et al. 2023)
     ensemble.fit_standardization(*(reference if reference is not None else reference_responses(prefs_val)))

@@ -180,11 +180,13 @@ class GoldConfig:
 class ProxyConfig:
     """The proxy reward ensemble trained on gold-labelled (noisy) preferences."""
 
-    kind: Literal["independent", "pretrain", "multihead", "lora"] = "independent"
+    kind: Literal["independent", "pretrain", "multihead", "lora", "warm"] = "independent"
     """independent: K full models; pretrain: members from differently seeded pretraining runs;
-    multihead: one backbone with K heads; lora: one frozen base with K LoRA adapters."""
+    multihead: one backbone with K heads; lora: one frozen base with K LoRA adapters; warm: K members
+    from one initialization (head included), differing in data order, weight-averaged into one model
+    (Ramé et al. 2024, WARM) that scores as a single member."""
     k: int = 5
-    """Number of ensemble members."""
+    """Number of ensemble members (kind=warm: members averaged, >= 2; the ensemble then has one)."""
     backbone: str = "policy"
     """'policy' initializes members from the SFT policy; otherwise a local path / hub name of a causal
     LM or sequence-classification checkpoint, with its own tokenizer (proxies read text)."""
@@ -226,7 +228,7 @@ class ProxyConfig:
     """Train on only the first train_pairs pairs of the (shuffled) train split; 0 uses all. Less
     preference data gives weaker proxies that are overoptimized sooner (Gao et al. 2022, Fig. 4)."""
     train_workers: int = 0
-    """kind=independent|pretrain on CPU: members trained at once in this many processes, each with
+    """kind=independent|pretrain|warm on CPU: members trained at once in this many processes, each with
     this process's torch thread count; 0 = as many as the cores allow (up to K), 1 = one after
     another here. The weights do not depend on it (each member is seeded on its own)."""
     multihead_bootstrap: bool = True
@@ -236,6 +238,8 @@ class ProxyConfig:
     weights. Keep "loop" on CPU: vmap measured 1.3x (K=1) to 2.6x (K=5) slower there (BENCHMARKS.md)."""
 
     def check(self) -> None:
+        require(self.kind != "warm" or self.k >= 2, "proxy.k",
+                f"kind=warm averages the weights of proxy.k members and needs at least 2, got {self.k}")
         _positive(self, "proxy", "k", "epochs", "batch_size", "lora_r", "lora_alpha", "score_batch_size", "lr")
         _non_negative(self, "proxy", "offset_eta")
         _fraction(self, "proxy", "min_accuracy")
@@ -257,9 +261,16 @@ class AggregateConfig:
     """k in mean - k * std."""
     variance: Literal["population", "sample"] = "population"
     """Variance estimator across members (the paper's population variance by default)."""
+    shaping: Literal["none", "par"] = "none"
+    """none | par: PAR (Fu et al. 2025) replaces the aggregated score r by mean_j sigmoid(r - r_ref,j)
+    over par_references reference responses of the prompt, sampled once from the initial policy."""
+    par_references: int = 4
+    """k, the reference responses per prompt with shaping=par (sampled with ppo.temperature and
+    ppo.max_new_tokens, scored by the proxy members once, cached in <run>/par_references/)."""
 
     def check(self) -> None:
         _non_negative(self, "aggregate", "uwo_lambda", "std_k")
+        _positive(self, "aggregate", "par_references")
         check_aggregator_name(self.name, "aggregate.name")  # member_<i>'s range needs proxy.k: validate()
 
 
@@ -404,9 +415,42 @@ class BonConfig:
     """An existing scored pool to use instead of sampling one: a dataset (path or hub name) with
     prompt, response and gold score columns (and member scores when present; missing ones are computed
     by the proxies), e.g. Coste et al.'s released gold-scored generations."""
+    pool_scores: Literal["rescore", "keep"] = "rescore"
+    """What to do with member scores a bon.pool carries: rescore its responses with this run's proxies
+    (the curves are then this ensemble's, e.g. another proxy kind on the same pool), or keep them (the
+    pool's own ensemble, e.g. released scores; their member count must equal proxy.k)."""
+    selectors: list[str] = field(default_factory=list)
+    """Selectors curved on the same pool besides argmax best-of-n: rbon_kl (regularized best-of-n,
+    objective + alpha * log pi_ref; Jinnai et al. 2024) and soft (pick y_i with probability
+    proportional to exp(r_i / lambda); Verdun et al. 2025). Empty: none."""
+    rbon_alphas: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    """alpha grid of rbon_kl (>= 0), weight of the summed response log-prob under the initial policy."""
+    soft_temperatures: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    """lambda grid of soft best-of-n (> 0), in units of the aggregated objective."""
+    selector_aggregators: list[str] = field(default_factory=lambda: ["member_0"])
+    """Aggregated objectives the selectors act on; 'members' expands to member_0 .. member_{K-1}."""
+
+    SELECTORS = ("rbon_kl", "soft")  # no annotation: a class constant, not a config key
 
     def check(self) -> None:
         _positive(self, "bon", "pool_size", "max_new_tokens", "batch_size", "temperature")
+        for i, name in enumerate(self.selectors):
+            require(name in self.SELECTORS, f"bon.selectors[{i}]",
+                    f"unknown selector {name!r} (known: {', '.join(self.SELECTORS)})")
+        for i, alpha in enumerate(self.rbon_alphas):
+            require(alpha >= 0, f"bon.rbon_alphas[{i}]", f"must be >= 0, got {alpha}")
+        for i, temperature in enumerate(self.soft_temperatures):
+            require(temperature > 0, f"bon.soft_temperatures[{i}]", f"must be positive, got {temperature}")
+        for i, agg in enumerate(self.selector_aggregators):
+            if agg != "members":
+                check_aggregator_name(agg, f"bon.selector_aggregators[{i}]")
+        if self.selectors:
+            require(len(self.selector_aggregators) > 0, "bon.selector_aggregators",
+                    "must name at least one aggregator when bon.selectors is set")
+            require("rbon_kl" not in self.selectors or len(self.rbon_alphas) > 0, "bon.rbon_alphas",
+                    "must hold at least one alpha when bon.selectors has rbon_kl")
+            require("soft" not in self.selectors or len(self.soft_temperatures) > 0, "bon.soft_temperatures",
+                    "must hold at least one temperature when bon.selectors has soft")
         require(0 < self.top_p <= 1, "bon.top_p", f"must be in (0, 1], got {self.top_p}")
         for i, agg in enumerate(self.aggregators):
             if agg != "members":

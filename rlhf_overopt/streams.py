@@ -52,12 +52,12 @@ class StreamBatch:
 
 def value_init_path(cfg, components, policy_path: str) -> str:
     """The value model's backbone: the policy, or (ppo.value_init=proxy) the first member of the
-    first component's saved independent/pretrain ensemble."""
+    first component's saved independent/pretrain ensemble (warm: its weight average)."""
     if cfg.ppo.value_init == "policy":
         return policy_path
     ensemble = components.ensembles[0]
-    if components.root is None or ensemble.kind not in ("independent", "pretrain"):
-        raise InputError("ppo.value_init=proxy needs saved independent/pretrain component ensembles")
+    if components.root is None or ensemble.kind not in ("independent", "pretrain", "warm"):
+        raise InputError("ppo.value_init=proxy needs saved independent/pretrain/warm component ensembles")
     return str(components.root / components.names[0] / ensemble.member_names[0])
 
 

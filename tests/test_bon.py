@@ -133,6 +133,19 @@ def test_bon_from_an_existing_scored_pool(tiny_testbed, tmp_path):
     a, b = read_jsonl(first / "curves.jsonl"), read_jsonl(second / "curves.jsonl")
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
     assert max(abs(x["proxy_score"] - y["proxy_score"]) for x, y in zip(a, b)) < 1e-5
+    # a pool whose member scores came from another ensemble (here: zeros) is rescored by default ...
+    other = tmp_path / "other_scores"
+    pool.map(lambda r: {"proxy_scores": [0.0] * len(r["proxy_scores"])}).save_to_disk(str(other))
+    rescored = tmp_path / "rescored"
+    assert subprocess.run(base + [f"output_dir={rescored}", f"bon.pool={other}"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=600).returncode == 0
+    c = read_jsonl(rescored / "curves.jsonl")
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in c]
+    # ... and kept with bon.pool_scores=keep (every member score of the curves is then 0)
+    kept = tmp_path / "kept"
+    assert subprocess.run(base + [f"output_dir={kept}", f"bon.pool={other}", "bon.pool_scores=keep"], cwd=ROOT,
+                          env=env, capture_output=True, timeout=600).returncode == 0
+    assert all(v == 0.0 for r in read_jsonl(kept / "curves.jsonl") for v in r["proxy_member_scores"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "text": "b"}\n')
     result = subprocess.run(base + [f"output_dir={tmp_path / 'bad'}", f"bon.pool={bad}"], cwd=ROOT, env=env,

@@ -63,3 +63,45 @@ def test_pooled_numbers_by_hand():
     assert not Pooled.of([0.0, 0.01, 0.02]).overlaps(Pooled.of([1.0, 1.01, 1.02]))
     assert bootstrap_interval([2.0]) == (2.0, 2.0)
     assert bootstrap_interval([1.0, 2.0, 3.0]) == bootstrap_interval([1.0, 2.0, 3.0])  # seeded
+
+
+def _bon_run(root: Path, name: str, seed: int, kind: str, golds: dict[str, list[float]]) -> None:
+    """A best-of-n run's records: one curve per objective over n = 1, 2, 4 (gold relative to 0)."""
+    import math
+
+    import yaml
+
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "bon", "seed": seed, "proxy": {"kind": kind}}))
+    rows = []
+    for agg, values in golds.items():
+        for n, g in zip((1, 2, 4), values):
+            kl = math.log(n) - (n - 1) / n
+            rows.append({"method": "bon", "aggregator": agg, "n": n, "step": n, "kl": kl, "sqrt_kl": math.sqrt(kl),
+                         "proxy_score": float(n), "proxy_member_scores": [0.0, 0.0], "gold_score": g,
+                         "gold_score_initial": 0.0})
+    (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+
+
+def test_bon_seeds_table_by_hand(tmp_path):
+    from analysis.results import bon_seeds_table
+
+    exp = tmp_path / "lab"
+    # seed 0: members peak 0.3 / 0.5 (mean 0.4) and end at 0.1 / 0.3 (mean 0.2); uwo rises to 0.6
+    _bon_run(exp, "s0", 0, "independent", {"member_0": [0.0, 0.3, 0.1], "member_1": [0.0, 0.5, 0.3],
+                                           "uwo": [0.0, 0.4, 0.6]})
+    _bon_run(exp, "s1", 1, "independent", {"member_0": [0.0, 0.2, 0.2], "member_1": [0.0, 0.4, 0.2],
+                                           "uwo": [0.0, 0.5, 0.8]})
+    _bon_run(exp, "m0", 0, "multihead", {"member_0": [0.0, 0.1, 0.0], "member_1": [0.0, 0.1, 0.0],
+                                         "uwo": [0.0, 0.2, 0.1]})
+    table = bon_seeds_table({"name": "lab", "group_by": ["proxy.kind"]}, tmp_path)
+    lines = table.splitlines()
+    single = next(x for x in lines if x.startswith("| kind independent | single member"))
+    # per-seed member means: peak 0.4 and 0.3 -> 0.35 ± 0.07; largest-n 0.2 and 0.2 -> 0.20; drop 0.2 and 0.1
+    assert "| 2 | +0.35 ± 0.07" in single and "+0.20 ± 0.00" in single
+    uwo = next(x for x in lines if x.startswith("| kind independent | uwo"))
+    assert "| 2 | +0.70 ± 0.14" in uwo and "+0.70 ± 0.14 [+0.60, +0.80] (0.80)" in uwo  # d = sqrt(log 4 - 3/4)
+    assert "| kind multihead | uwo | 1 | +0.20 |" in table  # one seed: no interval
+    assert "kind independent: uwo vs single members: peak-gold intervals do not overlap" in table

@@ -12,7 +12,8 @@ One iteration:
     1. prompts      this rank's share of ppo.batch_size / G train prompts (seeded by step), each G times
     2. rollout      G responses per prompt (temperature, stop at EOS)
     3. log-probs    policy (the sampling pass) and reference on the sampled tokens
-    4. score        proxy_scores (K, B) -> aggregate -> r (B,); with grpo.kl_in=reward,
+    4. score        proxy_scores (K, B) -> aggregate -> r (B,) -> [aggregate.shaping=par:
+                    mean_j sigmoid(r - r_ref,j), Fu et al. 2025]; with grpo.kl_in=reward,
                     r -= grpo.kl_coef * sequence KL (ppo.kl_penalty_estimator)
     5. advantages   per group (a rank always holds whole groups)
     6. update       ppo_epochs over minibatches: clipped surrogate with the response's advantage on
@@ -21,6 +22,8 @@ One iteration:
     7. log / eval / checkpoint
 
 KL to the initial policy is measured at every evaluation whatever grpo.kl_coef is (0 included).
+With aggregate.shaping=par the references are sampled once and cached as in method ppo
+(rlhf_overopt.references, <run>/par_references/).
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from rlhf_overopt.kl import sequence_kl
 from rlhf_overopt.lifecycle import RunContext, resume_step
 from rlhf_overopt.models import load_tokenizer
 from rlhf_overopt.plan import make_plan
+from rlhf_overopt.references import drawn_chunks, ensure_references, gather_list, lookup
 from rlhf_overopt.reward_cache import ensure_proxies
 from rlhf_overopt.rollout import generate, sequence_logprobs
 from rlhf_overopt.runs import append_jsonl
+from rlhf_overopt.shaping import par_reward
 from rlhf_overopt.tracking import Tracker
 from rlhf_overopt.update import group_update
 
@@ -78,6 +83,18 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     ckpt = Checkpointer(ctx.run.checkpoints)
     start, _ = resume_step(ctx, ckpt, actors.engines())
+    # PAR references: sampled once from the initial policy (the frozen reference), cached in the run
+    train_refs = eval_refs = None
+    if agg.shaping == "par":
+        eval_all = gather_list(eval_share)
+        refs = ensure_references(
+            run_root=ctx.run.root, reference=actors.reference, tokenizer=tokenizer, ensemble=ensemble,
+            splits={"train": train_prompts, "eval": eval_all},
+            train_chunks=drawn_chunks(len(train_prompts), p.batch_size // plan.group_size, cfg.seed, p.steps),
+            k=agg.par_references, max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=cfg.seed,
+            zero_stage=stage, batch_size=cfg.eval.batch_size, info=info)
+        train_refs = refs.aggregated("train", objective)
+        eval_refs = refs.aggregated("eval", objective)[dist.shard_indices(len(eval_all), rank, info.world_size)]
     tracker = Tracker(cfg, enabled=info.is_main)
     eval_log = EvalLog(ctx.run, tracker)
     fields = {"kl_coef": g.kl_coef, "kl_in": g.kl_in, "group_size": plan.group_size, "advantage": variant,
@@ -88,7 +105,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             policy=policy, reference=actors.reference, tokenizer=tokenizer, prompts=eval_share, gold=gold,
             ev=cfg.eval, zero_stage=stage, generator=seeds.eval_generator(cfg.seed, rank, info.device),
             method=cfg.method, step=step, aggregator=agg.name, ensemble=ensemble, aggregate_fn=objective,
-            extra=fields)
+            shaping_references=eval_refs, extra=fields)
         eval_log.record(point, samples)
 
     if start == 0:
@@ -112,9 +129,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
                                              mask, temperature=p.temperature)
             ref_logprobs = sequence_logprobs(actors.reference, ro.query_ids, ro.query_mask, ro.response_ids, mask,
                                              temperature=p.temperature)
-            # 4. score with the proxy ensemble, aggregate; KL in the reward if asked
-            proxy_scores, score = score_proxies(ensemble, objective, ro.prompts, ro.responses,
-                                                ro.ended.cpu().tolist(), step)
+            # 4. score with the proxy ensemble, aggregate, PAR-shape against the prompt's references
+            # (Fu et al. 2025) if asked; KL in the reward if asked
+            proxy_scores, proxy_score = score_proxies(ensemble, objective, ro.prompts, ro.responses,
+                                                      ro.ended.cpu().tolist(), step)
+            score = proxy_score if train_refs is None else par_reward(
+                proxy_score, lookup(train_refs, [i for i in mine for _ in range(plan.group_size)], "train"))
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, mask, p.kl_penalty_estimator).float().cpu()
             reward = score - g.kl_coef * seq_kl if g.kl_in == "reward" else score
             # 5. advantages within each group
@@ -138,6 +158,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "score": float(dist.all_reduce_mean(score.mean())),
             "reward": float(dist.all_reduce_mean(reward.mean())),
             "proxy_member_scores": [float(v) for v in dist.all_reduce_mean(proxy_scores.mean(1))],
+            **({} if train_refs is None else {"proxy_score": float(dist.all_reduce_mean(proxy_score.mean())),
+                                              "proxy_shaped": float(dist.all_reduce_mean(score.mean()))}),
             "rollout_kl": float(dist.all_reduce_mean(seq_kl.mean())),
             "constant_group_fraction": float(dist.all_reduce_mean(constant_groups)),
             "advantage_abs_mean": float(dist.all_reduce_mean(advantages.abs().mean())),

@@ -5,12 +5,17 @@ One iteration (Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation de
     1. prompts      this rank's share of `ppo.batch_size` train prompts (seeded by step)
     2. rollout      sample responses (left-padded queries, temperature, stop at EOS, mask after it)
     3. log-probs    policy (recomputed), reference and values on the sampled tokens
-    4. score        proxy_scores (K, B) -> aggregate -> proxy_score (B,) (+ no-EOS penalty)
+    4. score        proxy_scores (K, B) -> aggregate -> proxy_score (B,) -> [aggregate.shaping=par:
+                    mean_j sigmoid(proxy_score - r_ref,j)] (+ no-EOS penalty)
     5. rewards      -kl_coef * KL per token, the score added at the last response token
     6. advantages   GAE(gamma, lambda), whitened over the whole batch (all ranks)
     7. update       ppo_epochs over minibatches: clipped policy loss, clipped value loss
     8. KL control   fixed or adaptive coefficient
     9. log / eval / checkpoint
+
+With aggregate.shaping=par, the k reference responses of every prompt the run draws (and of the
+eval prompts) are sampled once from the initial policy before the first iteration and cached in
+<run>/par_references/ (rlhf_overopt.references); a resumed run reads them back.
 
 Every random draw comes from a generator seeded by (seed, step, rank) (rlhf_overopt.seeds), so a
 resumed run repeats exactly what an uninterrupted one does.
@@ -36,9 +41,11 @@ from rlhf_overopt.kl import kl_controller, kl_penalty_per_token
 from rlhf_overopt.lifecycle import RunContext, resume_step
 from rlhf_overopt.models import load_tokenizer
 from rlhf_overopt.plan import make_plan
+from rlhf_overopt.references import drawn_chunks, ensure_references, gather_list, lookup
 from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, first_member_backbone
 from rlhf_overopt.rollout import generate, sequence_logprobs
 from rlhf_overopt.runs import append_jsonl
+from rlhf_overopt.shaping import par_reward
 from rlhf_overopt.tracking import Tracker
 from rlhf_overopt.update import ppo_update
 from rlhf_overopt.values import response_values
@@ -77,6 +84,18 @@ def run(ctx: RunContext) -> dict[str, Any]:
     start, state = resume_step(ctx, ckpt, actors.engines())
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
+    # PAR references: sampled once from the initial policy (the frozen reference), cached in the run
+    train_refs = eval_refs = None
+    if agg.shaping == "par":
+        eval_all = gather_list(eval_share)
+        refs = ensure_references(
+            run_root=ctx.run.root, reference=actors.reference, tokenizer=tokenizer, ensemble=ensemble,
+            splits={"train": train_prompts, "eval": eval_all},
+            train_chunks=drawn_chunks(len(train_prompts), p.batch_size, cfg.seed, p.steps), k=agg.par_references,
+            max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=cfg.seed, zero_stage=stage,
+            batch_size=cfg.eval.batch_size, info=info)
+        train_refs = refs.aggregated("train", objective)
+        eval_refs = refs.aggregated("eval", objective)[dist.shard_indices(len(eval_all), rank, info.world_size)]
     tracker = Tracker(cfg, enabled=info.is_main)
     eval_log = EvalLog(ctx.run, tracker)
 
@@ -85,7 +104,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             policy=policy, reference=actors.reference, tokenizer=tokenizer, prompts=eval_share, gold=gold,
             ev=cfg.eval, zero_stage=stage, generator=seeds.eval_generator(cfg.seed, rank, info.device),
             method="ppo", step=step, aggregator=agg.name, ensemble=ensemble, aggregate_fn=objective,
-            extra={"kl_coef": kl_ctl.value, "uwo_lambda": agg.uwo_lambda})
+            shaping_references=eval_refs, extra={"kl_coef": kl_ctl.value, "uwo_lambda": agg.uwo_lambda})
         eval_log.record(point, samples)
 
     if start == 0:
@@ -109,9 +128,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
             ref_logprobs = sequence_logprobs(actors.reference, ro.query_ids, ro.query_mask, ro.response_ids, mask,
                                              temperature=p.temperature)
             old_values = response_values(actors.value_engine, ro.query_ids, ro.query_mask, ro.response_ids, mask)
-            # 4. score with the proxy ensemble, aggregate
-            proxy_scores, score = score_proxies(ensemble, objective, ro.prompts, ro.responses,
-                                                ro.ended.cpu().tolist(), step)
+            # 4. score with the proxy ensemble, aggregate; PAR shapes the aggregate against the
+            # prompt's references (Fu et al. 2025); the no-EOS penalty is added to what is optimized
+            proxy_scores, proxy_score = score_proxies(ensemble, objective, ro.prompts, ro.responses,
+                                                      ro.ended.cpu().tolist(), step)
+            shaped = proxy_score if train_refs is None else par_reward(proxy_score, lookup(train_refs, mine, "train"))
+            score = shaped
             if p.no_eos_penalty:
                 score = torch.where(ro.ended.cpu(), score, score + p.no_eos_penalty)
             # 5. rewards: per-token KL penalty, score at the last response token
@@ -139,6 +161,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "step": step + 1,
             "score": float(dist.all_reduce_mean(score.mean())),
             "proxy_member_scores": [float(v) for v in dist.all_reduce_mean(proxy_scores.mean(1))],
+            **({} if train_refs is None else {"proxy_score": float(dist.all_reduce_mean(proxy_score.mean())),
+                                              "proxy_shaped": float(dist.all_reduce_mean(shaped.mean()))}),
             "rollout_kl": seq_kl,
             "kl_coef": kl_ctl.value,
             "eos_rate": float(dist.all_reduce_mean(ro.ended.float().mean())),

@@ -1,0 +1,76 @@
+"""Overoptimization signals: Spearman with ties and member std on hand-worked numbers, against
+scipy where installed, and present in every row of a tiny run's curves.jsonl."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.signals import average_ranks, member_std, spearman
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_average_ranks_share_ties():
+    assert average_ranks(torch.tensor([10.0, 20.0, 20.0, 30.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert average_ranks(torch.tensor([3.0, 1.0, 3.0, 3.0])).tolist() == [3.0, 1.0, 3.0, 3.0]
+    assert average_ranks(torch.tensor([2.0, 1.0])).tolist() == [2.0, 1.0]
+
+
+def test_spearman_hand_worked_with_ties():
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; centred: [-1.5, 0, 0, 1.5], [-1.5, .5, -.5, 1.5]
+    # rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])
+    assert spearman(x, y) == pytest.approx(math.sqrt(0.9), abs=1e-12)
+    assert spearman(x, -y) == pytest.approx(-math.sqrt(0.9), abs=1e-12)
+    # a monotone transform changes nothing; reversing the order flips the sign
+    z = torch.tensor([0.1, 0.5, 0.2, 0.9])
+    assert spearman(z, z.exp()) == pytest.approx(1.0) and spearman(z, -z) == pytest.approx(-1.0)
+
+
+def test_spearman_undefined_is_nan():
+    assert math.isnan(spearman(torch.tensor([1.0]), torch.tensor([2.0])))
+    assert math.isnan(spearman(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])))
+    with pytest.raises(ValueError, match="one length"):
+        spearman(torch.zeros(3), torch.zeros(4))
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        # rounded values: many ties on both sides
+        x = torch.randint(0, 5, (30,), generator=g).float()
+        y = (x + torch.randn(30, generator=g) * 2).round()
+        assert spearman(x, y) == pytest.approx(float(stats.spearmanr(x.numpy(), y.numpy()).statistic), abs=1e-10)
+
+
+def test_member_std_is_the_population_std():
+    scores = torch.tensor([[1.0, 3.0, 0.0], [3.0, 3.0, 6.0]])  # (K=2, B=3)
+    assert member_std(scores).tolist() == [1.0, 0.0, 3.0]
+
+
+@pytest.mark.slow
+def test_signals_in_every_curves_row(tiny_testbed, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny" / "rloo_ensemble.yaml"),
+           f"testbed.cache_dir={tiny_testbed.root.parent}", f"output_dir={out}", "ppo.steps=2"]
+    result = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = read_jsonl(out / "curves.jsonl")
+    assert rows
+    for row in rows:
+        assert row["proxy_member_std"] > 0  # an ensemble of 3 independent members disagrees
+        assert row["proxy_gold_spearman"] is None or -1 <= row["proxy_gold_spearman"] <= 1
+        assert 0 < row["response_length"] <= 16
+        assert "proxy_shaped" not in row  # shaping is off
+    samples = read_jsonl(out / "samples.jsonl")
+    assert all("proxy_shaped" not in s for s in samples)
