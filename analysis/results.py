@@ -31,7 +31,7 @@ from analysis.trajectories import summary_row
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
-RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json")
+RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json", "scaling.json")
 
 
 def experiments(results: Path = RESULTS) -> dict[str, dict]:
@@ -220,8 +220,33 @@ def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     return out
 
 
-TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table}
-FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure}
+def _scaling_run(spec: dict, results: Path) -> Path:
+    runs = find_run_dirs(results / spec["name"])
+    if len(runs) != 1:
+        raise ValueError(f"results/{spec['name']}: a scaling_law experiment holds one run, found {len(runs)}")
+    return runs[0]
+
+
+def scaling_table(spec: dict, results: Path = RESULTS) -> str:
+    """A scaling_law run's per-proxy fits and its trend lines (analysis.scaling), from its records."""
+    from analysis.scaling import cells_markdown, load_scaling, trends_markdown
+
+    fits, _ = load_scaling(_scaling_run(spec, results))
+    return cells_markdown(fits) + "\n" + trends_markdown(fits)
+
+
+def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """The trends figure (alpha, beta against log parameters and log pairs) and, beside it with the
+    suffix _cells, gold against sqrt(KL) per proxy with its fitted form."""
+    from analysis.scaling import load_scaling, plot_cells, plot_trends
+
+    fits, rows = load_scaling(_scaling_run(spec, results))
+    plot_cells(fits, rows, out.with_name(out.stem + "_cells" + out.suffix))
+    return plot_trends(fits, out)
+
+
+TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table}
+FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure}
 
 
 def _markers(name: str) -> tuple[str, str]:

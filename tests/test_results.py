@@ -48,9 +48,14 @@ def test_write_then_check_round_trip(tmp_path):
 
 
 def test_records_are_small_and_versioned():
-    for run in (ROOT / "results" / "grpo_vs_ppo").iterdir():
+    from analysis.results import RECORD_FILES, experiments
+
+    runs = [run for name in experiments() for run in (ROOT / "results" / name).iterdir()]
+    assert len(runs) >= 27
+    for run in runs:
         names = {p.name for p in run.iterdir()}
-        assert names <= {"config.yaml", "curves.jsonl", "summary.json"}, names
+        assert names <= set(RECORD_FILES), names
+        assert sum(p.stat().st_size for p in run.iterdir()) < 2_000_000, run  # records, never weights
         assert "versions" in (run / "config.yaml").read_text()  # library versions of the run
         assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
