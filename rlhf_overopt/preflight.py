@@ -99,7 +99,13 @@ def describe(cfg: Config, world: int, stand_ins: dict[str, str] | None = None) -
             heads = len(cfg.components.names) + 1 if method.composite else 1
             models.append((ModelInfo(f"value model ({heads} head(s))", policy.source, policy.architecture,
                                      policy.parameters, policy.context, policy.largest_layer), "float32", True))
-    if "proxy" in sections and cfg.method not in ("build_testbed", "label_preferences"):
+    if cfg.method == "scaling_law":
+        sizes = ", ".join(f"L{z.n_layer}-d{z.n_embd}" for z in cfg.scaling.proxy_sizes)
+        lines.append(f"proxies: one per cell, sizes [{sizes}] x train_pairs {list(cfg.scaling.train_pairs)} "
+                     f"({len(cfg.scaling.proxy_sizes) * len(cfg.scaling.train_pairs)} cells; proxy.k is not read), "
+                     f"each scoring one pool of {cfg.eval.n_prompts} prompts x {cfg.scaling.pool_size}"
+                     + (f" from {cfg.scaling.pool}" if cfg.scaling.pool else " sampled from the initial policy"))
+    elif "proxy" in sections and cfg.method not in ("build_testbed", "label_preferences"):
         if cfg.proxy.path:
             lines.append(f"proxies: loaded from {cfg.proxy.path}")
         else:
