@@ -55,13 +55,33 @@ def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[
     return out
 
 
+SETTING_DEFAULTS = {"aggregate.shaping": "none", "proxy.kind": "independent"}
+"""Values of `group_by` keys that do not show in a row's label."""
+
+
+def _rl_curves(spec: dict, results: Path) -> list:
+    """The experiment's RL curves, plus those of `also: {other experiment: [aggregators]}`; with
+    `group_by` config keys, a curve's aggregator label carries their non-default values
+    (uwo shaping=par, member_0 kind=warm), so settings that share an aggregator stay apart."""
+    import dataclasses
+
+    curves = load_runs([results / spec["name"]])
+    for other, aggregators in (spec.get("also") or {}).items():
+        curves += [c for c in load_runs([results / other]) if str(c.aggregator) in aggregators]
+    out = []
+    for c in curves:
+        extra = [f"{k.split('.')[-1]}={v}" for k in spec.get("group_by", [])
+                 if (v := _config_value(dict(c.config), k)) is not None and v != SETTING_DEFAULTS.get(k)]
+        out.append(dataclasses.replace(c, aggregator=" ".join([str(c.aggregator), *extra])) if extra else c)
+    return out
+
+
 def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """RL runs pooled over seeds per (method, aggregator): peak gold (d at peak), final gold, drop and
     gold at each matched distance, as mean ± std [95% bootstrap interval], and which pairs of rows'
     final-gold intervals overlap."""
     at = [float(x) for x in spec.get("at", [4, 8])]
-    curves = load_runs([results / spec["name"]])
-    groups = group_by_setting(curves)
+    groups = group_by_setting(_rl_curves(spec, results))
     lines = ["| method | aggregator | seeds | peak gold | d at peak | final gold | drop | "
              + " | ".join(f"gold at d = {x:g}" for x in at) + " |", "|" + "---|" * (7 + len(at))]
     finals: dict[tuple[str, str], Pooled] = {}
@@ -92,7 +112,7 @@ def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = group_by_setting(load_runs([results / spec["name"]]))
+    groups = group_by_setting(_rl_curves(spec, results))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     styles = {m: s for m, s in zip(sorted({m for m, _ in groups}), ("-", "--", ":", "-."))}
     colors = {a: f"C{i}" for i, a in enumerate(sorted({a for _, a in groups}))}
@@ -220,6 +240,47 @@ def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     return out
 
 
+SIGNALS = {  # key: (label, "moved" test against the first evaluation's value)
+    "proxy_gold_spearman": ("proxy-gold rank correlation", "falls by 0.2", lambda v, v0: v <= v0 - 0.2),
+    "proxy_member_std": ("member std", "rises by half", lambda v, v0: v >= 1.5 * v0),
+    "response_length": ("response length", "rises by a quarter", lambda v, v0: v >= 1.25 * v0),
+}
+"""The overoptimization signals logged at every RL evaluation, and when each counts as having moved."""
+
+
+def signals_table(spec: dict, results: Path = RESULTS) -> str:
+    """When each overoptimization signal moves, against when gold peaks, run by run: the first
+    evaluation at which it has moved (SIGNALS) and whether that is before gold's peak (early
+    warning) or only at or after it (audit); then how many runs it warned in before the peak."""
+    from rlhf_overopt.runs import read_jsonl
+
+    lines = ["| run | aggregator | gold peak (step) | " + " | ".join(
+        f"{label}: start → peak → end, moved at" for label, _, _ in SIGNALS.values()) + " |",
+             "|" + "---|" * (3 + len(SIGNALS))]
+    early = {k: 0 for k in SIGNALS}
+    runs = find_run_dirs(results / spec["name"])
+    for run in runs:
+        rows = sorted((r for r in read_jsonl(run / "curves.jsonl") if "gold_score" in r), key=lambda r: r["step"])
+        peak = max(range(len(rows)), key=lambda i: rows[i]["gold_score"])
+        gold0 = rows[0].get("gold_score_initial", rows[0]["gold_score"])
+        cells = [run.name, str(rows[0].get("aggregator")),
+                 f"{rows[peak]['gold_score'] - gold0:+.2f} ({rows[peak]['step']})"]
+        for key, (_, _, moved) in SIGNALS.items():
+            values = [r.get(key) for r in rows]
+            if any(v is None for v in values):
+                cells.append("—")
+                continue
+            at = next((i for i, v in enumerate(values) if moved(v, values[0])), None)
+            if at is not None and at < peak:
+                early[key] += 1
+            when = "never" if at is None else f"step {rows[at]['step']} ({'before' if at < peak else 'not before'} the peak)"
+            cells.append(f"{values[0]:.2f} → {values[peak]:.2f} → {values[-1]:.2f}, {when}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"{label} ({rule} from its first value): moved before gold's peak in {early[k]} of {len(runs)} runs"
+             for k, (label, rule, _) in SIGNALS.items()]
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
 def _scaling_run(spec: dict, results: Path) -> Path:
     runs = find_run_dirs(results / spec["name"])
     if len(runs) != 1:
@@ -245,7 +306,8 @@ def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     return plot_trends(fits, out)
 
 
-TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table}
+TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table,
+          "rl_signals": signals_table}
 FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure}
 
 

@@ -110,3 +110,23 @@ def test_bon_seeds_table_by_hand(tmp_path):
     assert "| 2 | +0.70 ± 0.14" in uwo and "+0.70 ± 0.14 [+0.60, +0.80] (0.80)" in uwo  # d = sqrt(log 4 - 3/4)
     assert "| kind multihead | uwo | 1 | +0.20 |" in table  # one seed: no interval
     assert "kind independent: uwo vs single members: peak-gold intervals do not overlap" in table
+
+
+def test_signals_table_by_hand(tmp_path):
+    from analysis.results import signals_table
+
+    run = tmp_path / "sig" / "seed0"
+    run.mkdir(parents=True)
+    gold = [0.0, 0.3, 0.5, 0.2]  # peak at step 20
+    rho = [0.8, 0.7, 0.5, 0.1]  # falls by 0.2 at step 20: not before the peak
+    std = [0.2, 0.4, 0.5, 0.9]  # 1.5x at step 10: before the peak
+    rows = [{"method": "grpo", "aggregator": "member_0", "step": 10 * i, "kl": float(i), "sqrt_kl": i ** 0.5,
+             "proxy_score": 0.0, "proxy_member_scores": [0.0], "gold_score": g, "gold_score_initial": 0.0,
+             "proxy_gold_spearman": r, "proxy_member_std": m, "response_length": 10.0}
+            for i, (g, r, m) in enumerate(zip(gold, rho, std))]
+    (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = signals_table({"name": "sig"}, tmp_path)
+    assert "| seed0 | member_0 | +0.50 (20) | 0.80 → 0.50 → 0.10, step 20 (not before the peak) |" in table
+    assert "0.20 → 0.50 → 0.90, step 10 (before the peak)" in table
+    assert "10.00 → 10.00 → 10.00, never" in table
+    assert "member std (rises by half from its first value): moved before gold's peak in 1 of 1 runs" in table
