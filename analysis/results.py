@@ -150,6 +150,9 @@ def _config_value(config: dict, dotted: str):
     return value
 
 
+SINGLE = "single member (mean of K)"
+
+
 def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, list]]:
     """Best-of-n curves by (setting, objective) and seed: the setting is the values of the spec's
     `group_by` config keys (e.g. proxy.kind); every single member (member_i) is one objective,
@@ -160,9 +163,15 @@ def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, li
     for c in curves:
         setting = ", ".join(f"{k.split('.')[-1]} {_config_value(dict(c.config), k)}" for k in keys) or "-"
         agg = str(c.aggregator)
-        single = re.fullmatch(r"member_\d+", agg) is not None
-        objective = "single member (mean of K)" if single and spec.get("pool_members", True) else agg
-        groups.setdefault((setting, objective), {}).setdefault(c.seed if c.seed is not None else -1, []).append(c)
+        objectives = [agg]
+        if re.fullmatch(r"member_\d+", agg) is not None:
+            # every member pools into one row (a K = 1 ensemble, e.g. WARM's average, is its one model);
+            # a member named in the spec's objectives also keeps its own row
+            objectives = [SINGLE if c.num_members > 1 else "the one model (K = 1)"]
+            objectives += [agg] if agg in spec.get("objectives", ()) else []
+        seed = c.seed if c.seed is not None else -1
+        for objective in objectives:
+            groups.setdefault((setting, objective), {}).setdefault(seed, []).append(c)
     return groups
 
 
@@ -192,12 +201,14 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
                      f"{s['final'].text()} ({s['d_final'].mean:.2f}) | {s['drop'].text()} |")
     notes = []
     for (setting, objective), s in pooled.items():
-        single = pooled.get((setting, "single member (mean of K)"))
-        if single is None or objective == "single member (mean of K)":
+        against = setting if (setting, SINGLE) in pooled else spec.get("baseline_setting")
+        single = pooled.get((against, SINGLE))
+        if single is None or objective == SINGLE:
             continue
         verdicts = [f"{what} {'overlap' if s[f].overlaps(single[f]) else 'do not overlap'}"
                     for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
-        notes.append(f"{setting}: {objective} vs single members: " + "; ".join(verdicts))
+        whose = "single members" if against == setting else f"the single members of {against}"
+        notes.append(f"{setting}: {objective} vs {whose}: " + "; ".join(verdicts))
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
@@ -258,7 +269,7 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
         f"{label}: start → peak → end, moved at" for label, _, _ in SIGNALS.values()) + " |",
              "|" + "---|" * (3 + len(SIGNALS))]
     early = {k: 0 for k in SIGNALS}
-    runs = find_run_dirs(results / spec["name"])
+    runs = find_run_dirs(results / spec.get("records", spec["name"]))  # records: another experiment's runs
     for run in runs:
         rows = sorted((r for r in read_jsonl(run / "curves.jsonl") if "gold_score" in r), key=lambda r: r["step"])
         peak = max(range(len(rows)), key=lambda i: rows[i]["gold_score"])
