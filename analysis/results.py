@@ -66,8 +66,9 @@ def _rl_curves(spec: dict, results: Path) -> list:
     import dataclasses
 
     curves = load_runs([results / spec["name"]])
-    for other, aggregators in (spec.get("also") or {}).items():
-        curves += [c for c in load_runs([results / other]) if str(c.aggregator) in aggregators]
+    for other, wanted in (spec.get("also") or {}).items():  # entries "aggregator" or "method:aggregator"
+        curves += [c for c in load_runs([results / other])
+                   if str(c.aggregator) in wanted or f"{c.method}:{c.aggregator}" in wanted]
     out = []
     for c in curves:
         extra = [f"{k.split('.')[-1]}={v}" for k in spec.get("group_by", [])
@@ -164,11 +165,14 @@ def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, li
         setting = ", ".join(f"{k.split('.')[-1]} {_config_value(dict(c.config), k)}" for k in keys) or "-"
         agg = str(c.aggregator)
         objectives = [agg]
-        if re.fullmatch(r"member_\d+", agg) is not None:
+        if c.num_members == 1 and re.fullmatch(r"member_\d+", agg) is None and "+" not in agg:
+            continue  # one model: every aggregator is that model, its row below
+        if c.num_members == 1 and re.fullmatch(r"member_\d+", agg) is not None:
+            objectives = ["the one model (K = 1)"]
+        elif re.fullmatch(r"member_\d+", agg) is not None:
             # every member pools into one row (a K = 1 ensemble, e.g. WARM's average, is its one model);
             # a member named in the spec's objectives also keeps its own row
-            objectives = [SINGLE if c.num_members > 1 else "the one model (K = 1)"]
-            objectives += [agg] if agg in spec.get("objectives", ()) else []
+            objectives = [SINGLE] + ([agg] if agg in spec.get("objectives", ()) else [])
         seed = c.seed if c.seed is not None else -1
         for objective in objectives:
             groups.setdefault((setting, objective), {}).setdefault(seed, []).append(c)
@@ -209,6 +213,14 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
                     for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
         whose = "single members" if against == setting else f"the single members of {against}"
         notes.append(f"{setting}: {objective} vs {whose}: " + "; ".join(verdicts))
+    for a_setting, a_objective, b_setting, b_objective in spec.get("pairs", []):  # named cross-setting comparisons
+        a, b = pooled.get((a_setting, a_objective)), pooled.get((b_setting, b_objective))
+        if a is None or b is None:
+            continue
+        verdicts = [f"{what} {'overlap' if a[f].overlaps(b[f]) else 'do not overlap'}"
+                    for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
+        notes.append(f"{a_setting} {a_objective} ({a['peak'].mean:+.2f} at the peak) vs {b_setting} {b_objective} "
+                     f"({b['peak'].mean:+.2f}): " + "; ".join(verdicts))
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
@@ -223,8 +235,12 @@ def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     settings = sorted({s for s, _ in groups})
     objectives = sorted({o for _, o in groups})
     colors = {o: f"C{i % 10}" for i, o in enumerate(objectives)}
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
+    ncols = min(3, len(settings))
+    nrows = -(-len(settings) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, settings):
         for objective in objectives:
             seeds = groups.get((setting, objective))
             if not seeds or (spec.get("objectives") and objective not in spec["objectives"]):
@@ -269,6 +285,7 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
         f"{label}: start → peak → end, moved at" for label, _, _ in SIGNALS.values()) + " |",
              "|" + "---|" * (3 + len(SIGNALS))]
     early = {k: 0 for k in SIGNALS}
+    measured = {k: 0 for k in SIGNALS}
     runs = find_run_dirs(results / spec.get("records", spec["name"]))  # records: another experiment's runs
     for run in runs:
         rows = sorted((r for r in read_jsonl(run / "curves.jsonl") if "gold_score" in r), key=lambda r: r["step"])
@@ -281,13 +298,17 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
             if any(v is None for v in values):
                 cells.append("—")
                 continue
+            if key == "proxy_member_std" and len(rows[0].get("proxy_member_scores", ())) < 2:
+                cells.append("— (one model)")  # no disagreement to measure
+                continue
+            measured[key] += 1
             at = next((i for i, v in enumerate(values) if moved(v, values[0])), None)
             if at is not None and at < peak:
                 early[key] += 1
             when = "never" if at is None else f"step {rows[at]['step']} ({'before' if at < peak else 'not before'} the peak)"
             cells.append(f"{values[0]:.2f} → {values[peak]:.2f} → {values[-1]:.2f}, {when}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"{label} ({rule} from its first value): moved before gold's peak in {early[k]} of {len(runs)} runs"
+    notes = [f"{label} ({rule} from its first value): moved before gold's peak in {early[k]} of {measured[k]} runs"
              for k, (label, rule, _) in SIGNALS.items()]
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 

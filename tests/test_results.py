@@ -50,8 +50,9 @@ def test_write_then_check_round_trip(tmp_path):
 def test_records_are_small_and_versioned():
     from analysis.results import RECORD_FILES, experiments
 
-    runs = [run for name in experiments() for run in (ROOT / "results" / name).iterdir()]
-    assert len(runs) >= 27
+    folders = {spec.get("records", name) for name, spec in experiments().items()}
+    runs = [run for name in sorted(folders) for run in (ROOT / "results" / name).iterdir()]
+    assert len(runs) >= 70
     for run in runs:
         names = {p.name for p in run.iterdir()}
         assert names <= set(RECORD_FILES), names
@@ -121,7 +122,7 @@ def test_signals_table_by_hand(tmp_path):
     rho = [0.8, 0.7, 0.5, 0.1]  # falls by 0.2 at step 20: not before the peak
     std = [0.2, 0.4, 0.5, 0.9]  # 1.5x at step 10: before the peak
     rows = [{"method": "grpo", "aggregator": "member_0", "step": 10 * i, "kl": float(i), "sqrt_kl": i ** 0.5,
-             "proxy_score": 0.0, "proxy_member_scores": [0.0], "gold_score": g, "gold_score_initial": 0.0,
+             "proxy_score": 0.0, "proxy_member_scores": [0.0, 0.0], "gold_score": g, "gold_score_initial": 0.0,
              "proxy_gold_spearman": r, "proxy_member_std": m, "response_length": 10.0}
             for i, (g, r, m) in enumerate(zip(gold, rho, std))]
     (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
