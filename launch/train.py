@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     status = execute(cfg, state, driver_for, argv=[sys.argv[0], *argv])
     if status == 0 and state != "completed" and int(os.environ.get("RANK", "0")) == 0:
         write_report(cfg.run_dir, cfg.method)
+    from rlhf_overopt import dist
+
+    dist.shutdown()
     return status
 
 

@@ -57,6 +57,14 @@ def init(device_choice: str = "auto") -> DistInfo:
     return DistInfo(0, 1, 0, device)
 
 
+def shutdown() -> None:
+    """Destroy the process group, if there is one, before the interpreter exits. Left to interpreter
+    teardown, the process group's threads have aborted ranks that had finished their work ("terminate
+    called without an active exception", exit status 250 from the launcher)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

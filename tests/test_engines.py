@@ -62,6 +62,8 @@ except NonFiniteError as exc:
     print("ERROR:", exc)
 assert all(torch.equal(a, b.detach()) for a, b in zip(stepped, engine.module.parameters())), "weights changed"
 print("WEIGHTS KEPT")
+from rlhf_overopt import dist
+dist.shutdown()  # left to interpreter exit, the process group's threads have aborted a finished script
 """
 
 

@@ -112,6 +112,8 @@ def main() -> None:
         torch.save({"params": params, "local_params": counts.tolist(), "persistent_params": persistent,
                     "total_params": sum(p.numel() for n, p in params.items() if not n.startswith("value."))}, out)
         print(json.dumps({"world": world, "stage": stage, "local_params": counts.tolist(), "stats": stats}))
+    dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":
