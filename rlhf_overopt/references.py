@@ -184,3 +184,22 @@ def ensure_references(*, run_root: Path, reference, tokenizer, ensemble, splits:
         scores = torch.tensor(record["member_scores"], dtype=torch.float32)  # (K, len(idx) * k)
         out[split][idx.start:idx.stop] = scores.reshape(members, len(idx), k).permute(1, 0, 2)
     return ParReferences(out, k)
+
+
+def run_references(ctx, actors, tokenizer, ensemble, objective, *, train_prompts: list[str], eval_share: list[str],
+                   prompts_per_step: int, zero_stage: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A PPO/GRPO/RLOO run's PAR references under aggregate.shaping=par, else (None, None): the
+    aggregated reference scores (P_train, k) of every train prompt the run's steps draw, and (this
+    rank's eval prompts, k), sampled once from the frozen initial policy and cached in the run."""
+    cfg, info, p = ctx.cfg, ctx.dist, ctx.cfg.ppo
+    if cfg.aggregate.shaping != "par":
+        return None, None
+    eval_all = gather_list(eval_share)
+    refs = ensure_references(
+        run_root=ctx.run.root, reference=actors.reference, tokenizer=tokenizer, ensemble=ensemble,
+        splits={"train": train_prompts, "eval": eval_all},
+        train_chunks=drawn_chunks(len(train_prompts), prompts_per_step, cfg.seed, p.steps),
+        k=cfg.aggregate.par_references, max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=cfg.seed,
+        zero_stage=zero_stage, batch_size=cfg.eval.batch_size, info=info)
+    eval_refs = refs.aggregated("eval", objective)[dist.shard_indices(len(eval_all), info.rank, info.world_size)]
+    return refs.aggregated("train", objective), eval_refs

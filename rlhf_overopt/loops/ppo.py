@@ -41,7 +41,7 @@ from rlhf_overopt.kl import kl_controller, kl_penalty_per_token
 from rlhf_overopt.lifecycle import RunContext, resume_step
 from rlhf_overopt.models import load_tokenizer
 from rlhf_overopt.plan import make_plan
-from rlhf_overopt.references import drawn_chunks, ensure_references, gather_list, lookup
+from rlhf_overopt.references import lookup, run_references
 from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, first_member_backbone
 from rlhf_overopt.rollout import generate, sequence_logprobs
 from rlhf_overopt.runs import append_jsonl
@@ -85,17 +85,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
     # PAR references: sampled once from the initial policy (the frozen reference), cached in the run
-    train_refs = eval_refs = None
-    if agg.shaping == "par":
-        eval_all = gather_list(eval_share)
-        refs = ensure_references(
-            run_root=ctx.run.root, reference=actors.reference, tokenizer=tokenizer, ensemble=ensemble,
-            splits={"train": train_prompts, "eval": eval_all},
-            train_chunks=drawn_chunks(len(train_prompts), p.batch_size, cfg.seed, p.steps), k=agg.par_references,
-            max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=cfg.seed, zero_stage=stage,
-            batch_size=cfg.eval.batch_size, info=info)
-        train_refs = refs.aggregated("train", objective)
-        eval_refs = refs.aggregated("eval", objective)[dist.shard_indices(len(eval_all), rank, info.world_size)]
+    train_refs, eval_refs = run_references(ctx, actors, tokenizer, ensemble, objective, train_prompts=train_prompts,
+                                           eval_share=eval_share, prompts_per_step=p.batch_size, zero_stage=stage)
     tracker = Tracker(cfg, enabled=info.is_main)
     eval_log = EvalLog(ctx.run, tracker)
 
