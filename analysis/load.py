@@ -116,6 +116,15 @@ class Curve:
         return int(self.member_scores.shape[1])
 
     @property
+    def budget(self) -> FloatArray:
+        """(T,) optimization budget of each point, the order "final" is read in: n for best-of-n
+        rows, the training step otherwise (not d: under a KL penalty an RL run's KL rises and
+        falls back, so its furthest point need not be its last)."""
+        if self.n.size and np.all(np.isfinite(self.n)):
+            return self.n
+        return self.step.astype(np.float64)
+
+    @property
     def label(self) -> str:
         """Short human-readable label: aggregator plus the coefficients that are set."""
         parts = [self.aggregator if self.aggregator is not None else "single"]

@@ -7,7 +7,8 @@ same aggregator has the same colour in every figure of a report.
 - :func:`plot_method_curves`: one method; gold (left, solid) and proxy (right, dashed) against
   d, one colour per aggregator, optional fitted Gao et al. (2022) forms dotted.
 - :func:`plot_frontier`: one method's sweep; gold and proxy of every run against d, each run's
-  gold peak, per aggregator the frontier of best gold within a KL budget and a pooled fit.
+  gold peak and final point (training order), per aggregator the frontier of best gold within a KL
+  budget through those points, and a pooled fit.
 - :func:`plot_member_spread`: one curve; each ensemble member's proxy score against d.
 """
 
@@ -23,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.fit import bon_form, kl_gold_frontier, rl_form
+from analysis.fit import bon_form, end_points, kl_gold_frontier, rl_form, run_frontier
 from analysis.load import Curve
 
 X_LABEL = "sqrt(KL(π‖π_init)) [sqrt nats]"
@@ -164,10 +165,11 @@ def plot_frontier(
 ) -> Path:
     """Gold (left) and proxy (right) against sqrt(KL) for every run of one method, by aggregator.
 
-    Left panel: each run (aggregator x kl_coef/beta x seed) is a thin line with its points and
-    a star at its gold peak; per aggregator a thick step line joins the frontier points, the
-    best gold any run of that aggregator reached at or below each KL
-    (see :func:`analysis.fit.kl_gold_frontier`); optional fitted forms per aggregator (e.g. a
+    Left panel: each run (aggregator x kl_coef/beta x seed) is a thin line with its points in
+    training order, a star at its gold peak and a square at its final point; per aggregator a
+    thick step line joins the frontier points, the best peak or final gold any run of that
+    aggregator reached at or below each KL (see :func:`analysis.fit.run_frontier` and
+    :func:`analysis.fit.kl_gold_frontier`); optional fitted forms per aggregator (e.g. a
     fit pooled over the aggregator's runs) are drawn dotted. Right panel: each run's aggregated
     proxy objective, dashed, in the same colours, so that a proxy that keeps rising where gold
     turns down is seen at the same d.
@@ -207,26 +209,23 @@ def plot_frontier(
             color=color,
             label=curve.label,
         )
-        finite = np.isfinite(curve.gold) & np.isfinite(curve.sqrt_kl)
-        if np.any(finite):
-            peak = int(np.argmax(np.where(finite, curve.gold, -np.inf)))
-            ax.plot(
-                curve.sqrt_kl[peak],
-                curve.gold[peak],
-                "*",
-                markersize=11,
-                color=color,
-                markeredgecolor="black",
-                markeredgewidth=0.6,
-            )
+        ends = end_points(curve)
+        if ends is not None:
+            ax.plot(ends["sqrt_kl_at_peak"], ends["peak_gold"], "*", markersize=11, color=color,
+                    markeredgecolor="black", markeredgewidth=0.6)
+            ax.plot(ends["final_sqrt_kl"], ends["final_gold"], "s", markersize=6, color=color,
+                    markeredgecolor="black", markeredgewidth=0.6)
     for aggregator, color in colors.items():
         group = [c for c in curves if c.aggregator == aggregator]
         d = np.concatenate([c.sqrt_kl for c in group])
-        gold = np.concatenate([c.gold for c in group])
-        front = kl_gold_frontier(d, gold)
+        # the frontier runs through each run's peak and final point in training order, not every point
+        # of its path: under a KL penalty a run's KL rises and comes back, and the points it passed
+        # on the way out are not where the run ends
+        front_d, front_gold = run_frontier(group)
+        front = kl_gold_frontier(front_d, front_gold)
         if front.size:
-            xs = np.append(d[front], np.nanmax(d))
-            ys = np.append(gold[front], gold[front][-1])
+            xs = np.append(front_d[front], np.nanmax(d))
+            ys = np.append(front_gold[front], front_gold[front][-1])
             ax.step(
                 xs,
                 ys,
@@ -242,11 +241,12 @@ def plot_frontier(
             grid = np.linspace(0.0, float(np.nanmax(d)), 200)
             ax.plot(grid, _FORMS[form](grid, alpha, beta), ":", color=color, linewidth=1.6)
     ax.plot([], [], "*", color="0.5", markeredgecolor="black", label="gold peak of a run")
+    ax.plot([], [], "s", color="0.5", markeredgecolor="black", label="final point of a run (training order)")
     if fits:
         ax.plot([], [], ":", color="0.4", label="fitted Gao et al. form (pooled runs)")
     methods = sorted({c.method for c in curves})
     fig.suptitle(title or f"{', '.join(methods)}: gold and proxy vs sqrt(KL), every run")
-    ax.set_title("gold (thick: best gold within a KL budget)")
+    ax.set_title("gold (thick: best run peak or end within a KL budget)")
     ax_proxy.set_title("proxy objective (dashed)")
     ax.set_ylabel(GOLD_LABEL)
     ax_proxy.set_ylabel(PROXY_LABEL)

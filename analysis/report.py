@@ -40,6 +40,7 @@ from analysis.fit import (
     FitResult,
     fit_bon,
     fit_rl,
+    end_points,
     overoptimization_measures,
     predicted_peak_bon,
     predicted_peak_rl,
@@ -108,13 +109,6 @@ def resolve_form(method: str, form: str) -> str:
     return "bon" if method == "bon" else "rl"
 
 
-def _budget(curve: Curve) -> np.ndarray:
-    """Optimization budget of each point: n for best-of-n rows, the step otherwise."""
-    if curve.n.size and np.all(np.isfinite(curve.n)):
-        return curve.n
-    return curve.step.astype(np.float64)
-
-
 def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:
     """Measure and fit every curve; one row per curve, sorted by method, aggregator, coefficients.
 
@@ -136,7 +130,7 @@ def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, An
         }
         try:
             row.update(
-                overoptimization_measures(curve.sqrt_kl, curve.gold, curve.proxy, budget=_budget(curve))
+                overoptimization_measures(curve.sqrt_kl, curve.gold, curve.proxy, budget=curve.budget)
             )
         except ValueError:
             pass
@@ -204,10 +198,13 @@ _GROUP_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("best_run", "best run", "text"),
     ("best_peak_gold", "best peak gold", "number"),
     ("best_sqrt_kl_at_peak", "sqrt_kl at best peak", "number"),
-    ("largest_sqrt_kl", "largest sqrt_kl", "number"),
-    ("gold_at_largest_kl", "gold at largest sqrt_kl", "number"),
+    ("best_final_run", "best final run", "text"),
+    ("best_final_gold", "best final gold", "number"),
+    ("best_final_sqrt_kl", "sqrt_kl at best final", "number"),
+    ("largest_sqrt_kl", "largest final sqrt_kl", "number"),
+    ("gold_at_largest_kl", "final gold there", "number"),
     ("drop_from_best_peak", "drop from best peak", "number"),
-    ("proxy_at_largest_kl", "proxy at largest sqrt_kl", "number"),
+    ("proxy_at_largest_kl", "final proxy there", "number"),
     ("form", "fit form", "text"),
     ("fit_alpha", "pooled fit α", "number"),
     ("fit_beta", "pooled fit β", "number"),
@@ -233,21 +230,18 @@ def _fit_row(form: str, d: np.ndarray, gold: np.ndarray, prefix: str = "") -> di
             f"{prefix}predicted_peak_sqrt_kl": peak(alpha, beta)}
 
 
-def _run_peak(curve: Curve) -> tuple[float, float] | None:
-    """(d, gold) of a curve's highest finite gold point, or None."""
-    finite = np.isfinite(curve.sqrt_kl) & np.isfinite(curve.gold)
-    if not np.any(finite):
-        return None
-    best = int(np.argmax(np.where(finite, curve.gold, -np.inf)))
-    return float(curve.sqrt_kl[best]), float(curve.gold[best])
-
-
 def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:
     """One row per (method, aggregator), pooling every run of a sweep with that aggregator.
 
+    Each run contributes its gold peak and its final point in training order (the largest step;
+    the largest n for best-of-n): under a KL penalty a run's KL rises and falls back during
+    training, so its final point need not be its furthest one, and a sweep over KL coefficients
+    compares where runs end and where they peak (#15), not the points of largest KL:
+
     - best_peak_gold, best_run, best_sqrt_kl_at_peak: the highest gold any run reached, and where;
-    - largest_sqrt_kl, gold_at_largest_kl, proxy_at_largest_kl: the point furthest from the
-      initial policy over all runs (the largest optimization budget the sweep spent);
+    - best_final_gold, best_final_run, best_final_sqrt_kl: the best gold a run ended at, and where;
+    - largest_sqrt_kl, gold_at_largest_kl, proxy_at_largest_kl: the final point of the run that
+      ended furthest from the initial policy (the largest budget the sweep spent);
     - drop_from_best_peak = best_peak_gold - gold_at_largest_kl;
     - a Gao et al. form fitted to all points of all runs together (gold relative to the initial
       policy, which every run of a sweep shares): alpha, beta, R^2 and the predicted peak d;
@@ -263,28 +257,30 @@ def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[s
     for (method, aggregator), group in groups.items():
         d = np.concatenate([c.sqrt_kl for c in group])
         gold = np.concatenate([c.gold for c in group])
-        proxy = np.concatenate([c.proxy for c in group])
-        owner = [c for c in group for _ in range(c.sqrt_kl.size)]
         row: dict[str, Any] = {"method": method, "aggregator": aggregator, "runs": len(group)}
-        finite = np.isfinite(d) & np.isfinite(gold)
-        if np.any(finite):
-            best = int(np.argmax(np.where(finite, gold, -np.inf)))
-            far = int(np.argmax(np.where(finite, d, -np.inf)))
+        ends = [(c, e) for c in group if (e := end_points(c)) is not None]
+        if ends:
+            peak_run, peak = max(ends, key=lambda ce: ce[1]["peak_gold"])
+            final_run, final = max(ends, key=lambda ce: ce[1]["final_gold"])
+            far_run, far = max(ends, key=lambda ce: ce[1]["final_sqrt_kl"])
             row.update(
-                best_run=owner[best].run_dir.name,
-                best_peak_gold=float(gold[best]),
-                best_sqrt_kl_at_peak=float(d[best]),
-                largest_sqrt_kl=float(d[far]),
-                gold_at_largest_kl=float(gold[far]),
-                drop_from_best_peak=float(gold[best] - gold[far]),
-                proxy_at_largest_kl=float(proxy[far]),
+                best_run=peak_run.run_dir.name,
+                best_peak_gold=peak["peak_gold"],
+                best_sqrt_kl_at_peak=peak["sqrt_kl_at_peak"],
+                best_final_run=final_run.run_dir.name,
+                best_final_gold=final["final_gold"],
+                best_final_sqrt_kl=final["final_sqrt_kl"],
+                largest_sqrt_kl=far["final_sqrt_kl"],
+                gold_at_largest_kl=far["final_gold"],
+                drop_from_best_peak=peak["peak_gold"] - far["final_gold"],
+                proxy_at_largest_kl=far["final_proxy"],
             )
         chosen = resolve_form(method, form)
         row["form"] = chosen
         row.update(_fit_row(chosen, d, gold))
-        peaks = [p for p in map(_run_peak, group) if p is not None]
-        if len(peaks) >= 3:
-            row.update(_fit_row(chosen, np.array([p[0] for p in peaks]), np.array([p[1] for p in peaks]), "peaks_"))
+        if len(ends) >= 3:
+            row.update(_fit_row(chosen, np.array([e["sqrt_kl_at_peak"] for _, e in ends]),
+                                np.array([e["peak_gold"] for _, e in ends]), "peaks_"))
         rows.append(row)
     return rows
 

@@ -404,3 +404,33 @@ def test_group_table_fits_one_peak_per_run(tmp_path: Path) -> None:
     assert row["fit_r2"] < 0.9
     two = build_group_rows(load_runs([tmp_path / "sweep" / "b0", tmp_path / "sweep" / "b1"]))[0]
     assert two.get("peaks_fit_r2") is None  # fewer than three runs: no run-peaks fit
+
+
+def test_group_rows_and_frontier_use_each_runs_peak_and_final_point(tmp_path: Path) -> None:
+    """Under a KL penalty a run's KL rises and comes back (#15): the group row reads each run's
+    final point in training order, not the point of largest KL, and the frontier is drawn through
+    each run's peak and final point only."""
+    from analysis.fit import run_frontier
+    from analysis.load import load_runs
+    from analysis.report import build_group_rows
+
+    paths = {  # (d, gold) in training order
+        "kl0.01": [(0.0, 0.0), (3.0, 0.5), (6.0, 0.6), (4.0, 0.55)],   # furthest at step 2, ends at d 4
+        "kl0.1": [(0.0, 0.0), (1.0, 0.2), (2.0, 0.3), (1.5, 0.35)],    # peaks at its end
+    }
+    for name, path in paths.items():
+        rows = [{"method": "ppo", "step": 10 * step, "kl": d * d, "sqrt_kl": d, "proxy_score": d,
+                 "proxy_member_scores": [d], "gold_score": g, "kl_coef": float(name[2:])}
+                for step, (d, g) in enumerate(path)]
+        _write_run(tmp_path / "sweep" / name, rows, {"method": "ppo", "ppo": {"kl_coef": float(name[2:])}})
+    curves = load_runs([tmp_path / "sweep"])
+    (row,) = build_group_rows(curves)
+    assert row["best_peak_gold"] == pytest.approx(0.6) and row["best_sqrt_kl_at_peak"] == pytest.approx(6.0)
+    assert row["best_final_gold"] == pytest.approx(0.55) and row["best_final_run"] == "kl0.01"
+    # the run that ended furthest out ended at d = 4 (not 6, where it passed on the way)
+    assert row["largest_sqrt_kl"] == pytest.approx(4.0) and row["gold_at_largest_kl"] == pytest.approx(0.55)
+    assert row["drop_from_best_peak"] == pytest.approx(0.05)
+    d, gold = run_frontier(curves)
+    order = np.lexsort((gold, d))
+    assert d[order].tolist() == pytest.approx([1.5, 1.5, 4.0, 6.0])  # kl0.1 peaks at its end
+    assert gold[order].tolist() == pytest.approx([0.35, 0.35, 0.55, 0.6])
