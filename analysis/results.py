@@ -73,27 +73,44 @@ def _rl_curves(spec: dict, results: Path) -> list:
     for c in curves:
         extra = [f"{k.split('.')[-1]}={v}" for k in spec.get("group_by", [])
                  if (v := _config_value(dict(c.config), k)) is not None and v != SETTING_DEFAULTS.get(k)]
-        out.append(dataclasses.replace(c, aggregator=" ".join([str(c.aggregator), *extra])) if extra else c)
+        if spec.get("label") == "setting":  # the settings alone (DPO: the aggregator only scores evaluations)
+            out.append(dataclasses.replace(c, aggregator=" ".join(extra) or "-"))
+        else:
+            out.append(dataclasses.replace(c, aggregator=" ".join([str(c.aggregator), *extra])) if extra else c)
     return out
 
 
 def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """RL runs pooled over seeds per (method, aggregator): peak gold (d at peak), final gold, drop and
     gold at each matched distance, as mean ± std [95% bootstrap interval], and which pairs of rows'
-    final-gold intervals overlap."""
+    final-gold intervals overlap: each row against its method's single proxy (member_i), or with
+    `baseline_method: M` each other method's row against M's row of the same setting, on peak and
+    final gold (DPO vs MADPO at one beta). `label: setting` labels rows by their group_by values only."""
     at = [float(x) for x in spec.get("at", [4, 8])]
     groups = group_by_setting(_rl_curves(spec, results))
-    lines = ["| method | aggregator | seeds | peak gold | d at peak | final gold | drop | "
+    column = "setting" if spec.get("label") == "setting" else "aggregator"
+    lines = [f"| method | {column} | seeds | peak gold | d at peak | final gold | drop | "
              + " | ".join(f"gold at d = {x:g}" for x in at) + " |", "|" + "---|" * (7 + len(at))]
     finals: dict[tuple[str, str], Pooled] = {}
+    peaks: dict[tuple[str, str], Pooled] = {}
     for (method, agg), group in groups.items():
         s = pooled_summary(group, at)
         finals[(method, agg)] = s["final"]
+        peaks[(method, agg)] = s["peak"]
         cells = [method, agg, str(len(group)), s["peak"].text(), f"{s['d_peak'].mean:.1f}", s["final"].text(),
                  f"{s['drop'].mean:.2f}", *("—" if s[f"gold_at_{x:g}"] is None else s[f"gold_at_{x:g}"].text()
                                           for x in at)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if spec.get("baseline_method"):
+        base = spec["baseline_method"]
+        for (method, agg) in groups:
+            if method == base or (base, agg) not in groups:
+                continue
+            for what, pooled in (("peak", peaks), ("final", finals)):
+                verdict = "overlap" if pooled[(method, agg)].overlaps(pooled[(base, agg)]) else "do not overlap"
+                notes.append(f"{agg}: {what} gold of {method} vs {base}: intervals {verdict}")
+        return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
     for method in sorted({m for m, _ in groups}):
         single = next((k for k in finals if k[0] == method and k[1].startswith("member_")), None)
         if single is None:
@@ -313,6 +330,102 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
+def final_point_hypervolume(point: Sequence[float], reference: Sequence[float]) -> float:
+    """Hypervolume of one point against a reference point: prod_j max(0, v_j - r_j), the area
+    (volume) the point dominates (Lu et al. 2025 use the hypervolume of a front; of one point it is
+    this product)."""
+    return float(np.prod([max(0.0, v - r) for v, r in zip(point, reference)]))
+
+
+def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], list[str]]:
+    """The experiment's composite runs by setting ("method" plus the values of the spec's
+    `group_by: {method: [config keys]}`), each with its evaluation rows in step order and its
+    run-level numbers; and the component names."""
+    from rlhf_overopt.runs import read_jsonl
+
+    keys, offset = spec.get("group_by") or {}, float(spec.get("hv_offset", 1.0))
+    per_setting: dict[str, list[dict]] = {}
+    names: list[str] = []
+    for run in find_run_dirs(results / spec["name"]):
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        rows = sorted((r for r in read_jsonl(run / "curves.jsonl") if "gold_score" in r), key=lambda r: r["step"])
+        method = config["method"]
+        setting = " ".join([method, *(str(_config_value(config, k)) for k in keys.get(method, ()))])
+        gold0 = rows[0].get("gold_score_initial", rows[0]["gold_score"])
+        first, last = rows[0]["component_scores"], rows[-1]["component_scores"]
+        names = rows[0].get("component_names", names)
+        per_setting.setdefault(setting, []).append({
+            "rows": rows, "gold0": gold0,
+            "final": rows[-1]["gold_score"] - gold0, "peak": max(r["gold_score"] for r in rows) - gold0,
+            "kl": rows[-1]["kl"], "steps": rows[-1]["step"], "components": last,
+            "hv": final_point_hypervolume(last, [v - offset for v in first])})
+    return dict(sorted(per_setting.items())), names
+
+
+def composite_seeds_table(spec: dict, results: Path = RESULTS) -> str:
+    """Composite-reward runs (two or more component proxies) pooled over seeds per setting
+    (_composite_runs): final gold and peak gold (relative to the initial policy), KL at the end,
+    each component's proxy score at the end, and the hypervolume of the final component point
+    against the step-0 point minus `hv_offset` (1 by default, weighting.hv_reference_offset's
+    default), as mean ± std [95% bootstrap interval]; then, against the `baseline` setting, whether
+    the final-gold and hypervolume intervals overlap."""
+    per_setting, names = _composite_runs(spec, results)
+    lines = ["| setting | seeds | steps | final gold | peak gold | KL at the end | "
+             + " | ".join(f"{n} at the end" for n in names) + " | hypervolume of the final point |",
+             "|" + "---|" * (7 + len(names))]
+    pooled: dict[str, dict[str, Pooled]] = {}
+    for setting, runs in per_setting.items():
+        pooled[setting] = {k: Pooled.of([r[k] for r in runs]) for k in ("final", "peak", "hv")}
+        kl = [r["kl"] for r in runs]
+        comps = [f"{np.mean([r['components'][j] for r in runs]):.2f}" for j in range(len(names))]
+        lines.append("| " + " | ".join([setting, str(len(runs)), str(runs[0]["steps"]), pooled[setting]["final"].text(),
+                                         pooled[setting]["peak"].text(), f"{min(kl):.1f}–{max(kl):.1f}", *comps,
+                                         pooled[setting]["hv"].text(".2f")]) + " |")
+    notes = []
+    base = spec.get("baseline")
+    for setting in pooled:
+        if base in pooled and setting != base:
+            for what, key in (("final gold", "final"), ("hypervolume", "hv")):
+                verdict = "overlap" if pooled[setting][key].overlaps(pooled[base][key]) else "do not overlap"
+                notes.append(f"{what} of {setting} vs {base}: intervals {verdict}")
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def composite_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """Gold against the step (mean ± std over seeds) and the path of the component scores (first
+    against second, mean over seeds, in step order with the start marked), per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_setting, names = _composite_runs(spec, results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, (setting, runs) in enumerate(per_setting.items()):
+        steps = sorted(set.intersection(*({r["step"] for r in run["rows"]} for run in runs)))
+        at = [{r["step"]: r for r in run["rows"]} for run in runs]
+        gold = np.array([[a[t]["gold_score"] - run["gold0"] for t in steps] for a, run in zip(at, runs)])
+        comp = np.array([[a[t]["component_scores"][:2] for t in steps] for a in at]).mean(axis=0)
+        sd = gold.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(steps))
+        label = f"{setting} ({len(runs)} seeds)"
+        axes[0].plot(steps, gold.mean(axis=0), marker="o", markersize=3, color=f"C{i}", label=label)
+        axes[0].fill_between(steps, gold.mean(axis=0) - sd, gold.mean(axis=0) + sd, color=f"C{i}", alpha=0.12)
+        axes[1].plot(comp[:, 0], comp[:, 1], marker="o", markersize=3, color=f"C{i}", label=label)
+        axes[1].plot(comp[0, 0], comp[0, 1], "k^", markersize=6)
+    axes[0].set(xlabel="training step", ylabel="gold - initial", title="gold (mean ± std over seeds)")
+    if len(names) >= 2:
+        axes[1].set(xlabel=f"{names[0]} proxy", ylabel=f"{names[1]} proxy",
+                    title="component scores in training order (triangle: start)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _scaling_run(spec: dict, results: Path) -> Path:
     runs = find_run_dirs(results / spec["name"])
     if len(runs) != 1:
@@ -339,8 +452,9 @@ def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
 
 
 TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table,
-          "rl_signals": signals_table}
-FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure}
+          "rl_signals": signals_table, "composite_seeds": composite_seeds_table}
+FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure,
+           "composite_seeds": composite_seeds_figure}
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -131,3 +131,64 @@ def test_signals_table_by_hand(tmp_path):
     assert "0.20 → 0.50 → 0.90, step 10 (before the peak)" in table
     assert "10.00 → 10.00 → 10.00, never" in table
     assert "member std (rises by half from its first value): moved before gold's peak in 1 of 1 runs" in table
+
+
+def _composite_run(root: Path, name: str, config: dict, points: list[tuple[float, float, float, float]]) -> None:
+    """A composite run's records: rows of (gold, kl, sentiment, fluency) at steps 0, 10, 20, ..."""
+    import yaml
+
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"method": config["method"], "step": 10 * i, "kl": kl, "sqrt_kl": kl ** 0.5, "proxy_score": 0.0,
+             "proxy_member_scores": [0.0], "gold_score": g, "gold_score_initial": 0.2,
+             "component_names": ["sentiment", "fluency"], "component_scores": [a, b]}
+            for i, (g, kl, a, b) in enumerate(points)]
+    (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_composite_seeds_table_by_hand(tmp_path):
+    from analysis.results import composite_seeds_table, final_point_hypervolume
+
+    assert final_point_hypervolume([2.0, 0.5], [0.0, 1.0]) == 0.0  # below the reference in one objective
+    exp = tmp_path / "comp"
+    fixed = {"method": "dynamic_ppo", "weighting": {"mode": "fixed"}}
+    # start (0, 0) -> reference (-1, -1); final (1, 1) -> hypervolume 2 * 2 = 4; (2, 0) -> 3 * 1 = 3
+    _composite_run(exp, "f0", {**fixed, "seed": 0}, [(0.2, 0.0, 0.0, 0.0), (0.6, 4.0, 1.0, 1.0)])
+    _composite_run(exp, "f1", {**fixed, "seed": 1}, [(0.2, 0.0, 0.0, 0.0), (0.7, 6.0, 0.5, 0.0), (0.4, 5.0, 2.0, 0.0)])
+    mu = {"method": "constrained_ppo", "constrained": {"constraint": "inequality"}}
+    _composite_run(exp, "c0", {**mu, "seed": 0}, [(0.2, 0.0, 0.0, 0.0), (1.0, 2.0, 3.0, 1.0)])  # hv 4 * 2 = 8
+    _composite_run(exp, "c1", {**mu, "seed": 1}, [(0.2, 0.0, 0.0, 0.0), (1.2, 3.0, 1.0, 3.0)])  # hv 2 * 4 = 8
+    spec = {"name": "comp", "group_by": {"dynamic_ppo": ["weighting.mode"], "constrained_ppo": ["constrained.constraint"]},
+            "baseline": "dynamic_ppo fixed"}
+    table = composite_seeds_table(spec, tmp_path)
+    # fixed: final gold 0.4 and 0.2 (relative to 0.2) -> +0.30 ± 0.14; peak 0.4, 0.5; KL 4-5; hv 4 and 3
+    assert "| dynamic_ppo fixed | 2 | 10 | +0.30 ± 0.14 [+0.20, +0.40] | +0.45 ± 0.07 [+0.40, +0.50] | 4.0–5.0 | 1.50 | 0.50 | 3.50 ± 0.71 [3.00, 4.00] |" in table
+    assert "| constrained_ppo inequality | 2 | 10 | +0.90 ± 0.14 [+0.80, +1.00] |" in table
+    assert "8.00 ± 0.00 [8.00, 8.00] |" in table
+    assert "final gold of constrained_ppo inequality vs dynamic_ppo fixed: intervals do not overlap" in table
+    assert "hypervolume of constrained_ppo inequality vs dynamic_ppo fixed: intervals do not overlap" in table
+
+
+def test_rl_seeds_table_against_a_baseline_method(tmp_path):
+    """DPO vs MADPO at one beta: rows labelled by their setting alone, each method against the
+    baseline method's row of the same setting, on peak and final gold."""
+    import yaml
+
+    from analysis.results import rl_seeds_table
+
+    for method, golds in (("dpo", [(0.3, 0.1), (0.4, 0.2)]), ("madpo", [(0.6, 0.6), (0.7, 0.7)])):
+        for seed, (peak, final) in enumerate(golds):
+            run = tmp_path / "d" / f"{method}{seed}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(yaml.safe_dump({"method": method, "seed": seed, "dpo": {"beta": 0.1}}))
+            rows = [{"method": method, "aggregator": "mean", "step": s, "kl": k, "sqrt_kl": k ** 0.5, "proxy_score": 0.0,
+                     "proxy_member_scores": [0.0], "gold_score": g, "gold_score_initial": 0.0, "beta": 0.1}
+                    for s, k, g in ((0, 0.0, 0.0), (10, 4.0, peak), (20, 9.0, final))]
+            (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = rl_seeds_table({"name": "d", "group_by": ["dpo.beta"], "label": "setting", "baseline_method": "dpo",
+                            "at": []}, tmp_path)
+    assert "| method | setting | seeds |" in table
+    assert "| dpo | beta=0.1 | 2 | +0.35 ± 0.07 [+0.30, +0.40] | 2.0 | +0.15 ± 0.07 [+0.10, +0.20] | 0.20 |" in table
+    assert "beta=0.1: peak gold of madpo vs dpo: intervals do not overlap" in table
+    assert "beta=0.1: final gold of madpo vs dpo: intervals do not overlap" in table
