@@ -83,9 +83,10 @@ def _rl_curves(spec: dict, results: Path) -> list:
 def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """RL runs pooled over seeds per (method, aggregator): peak gold (d at peak), final gold, drop and
     gold at each matched distance, as mean ± std [95% bootstrap interval], and which pairs of rows'
-    final-gold intervals overlap: each row against its method's single proxy (member_i), or with
+    final-gold intervals overlap: each row against its method's single proxy (member_i); with
     `baseline_method: M` each other method's row against M's row of the same setting, on peak and
-    final gold (DPO vs MADPO at one beta). `label: setting` labels rows by their group_by values only."""
+    final gold (DPO vs MADPO at one beta); with `baseline_aggregator: A` each row against A's row of
+    the same setting (UWO vs member_0 at one KL coefficient). `label: setting` labels rows by their group_by values only."""
     at = [float(x) for x in spec.get("at", [4, 8])]
     groups = group_by_setting(_rl_curves(spec, results))
     column = "setting" if spec.get("label") == "setting" else "aggregator"
@@ -102,6 +103,17 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
                                           for x in at)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if spec.get("baseline_aggregator"):  # each row against the baseline aggregator's row of the same setting
+        base = spec["baseline_aggregator"]
+        for (method, label) in groups:
+            head, *rest = label.split(" ")
+            other = (method, " ".join([base, *rest]))
+            if head == base or other not in groups:
+                continue
+            for what, pooled in (("peak", peaks), ("final", finals)):
+                verdict = "overlap" if pooled[(method, label)].overlaps(pooled[other]) else "do not overlap"
+                notes.append(f"{method}: {what} gold of {label} vs {other[1]}: intervals {verdict}")
+        return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
     if spec.get("baseline_method"):
         base = spec["baseline_method"]
         for (method, agg) in groups:
@@ -159,6 +171,16 @@ def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def rl_frontier_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """The sweep frontier (analysis.plots.plot_frontier) of the experiment's RL runs, every seed and
+    coefficient a thin line in training order with its peak and final point, per aggregator the
+    best peak or final gold within each KL budget."""
+    from analysis.plots import plot_frontier
+
+    curves = _rl_curves({**spec, "group_by": []}, results)
+    return plot_frontier(curves, out, title=spec.get("description"))
 
 
 def _config_value(config: dict, dotted: str):
@@ -454,7 +476,7 @@ def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
 TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table,
           "rl_signals": signals_table, "composite_seeds": composite_seeds_table}
 FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure,
-           "composite_seeds": composite_seeds_figure}
+           "composite_seeds": composite_seeds_figure, "rl_frontier": rl_frontier_figure}
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -502,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.write:
             text = replace_block(text, name, table)
             if spec.get("figure"):
-                FIGURES[spec["kind"]](spec, ROOT / spec["figure"], results)
+                FIGURES[spec.get("figure_kind", spec["kind"])](spec, ROOT / spec["figure"], results)
         elif block.strip() != table.strip():
             failures.append(f"{name}: the README's table differs from what results/{name} gives "
                             "(python -m analysis.results --write regenerates it)")

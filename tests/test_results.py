@@ -192,3 +192,27 @@ def test_rl_seeds_table_against_a_baseline_method(tmp_path):
     assert "| dpo | beta=0.1 | 2 | +0.35 ± 0.07 [+0.30, +0.40] | 2.0 | +0.15 ± 0.07 [+0.10, +0.20] | 0.20 |" in table
     assert "beta=0.1: peak gold of madpo vs dpo: intervals do not overlap" in table
     assert "beta=0.1: final gold of madpo vs dpo: intervals do not overlap" in table
+
+
+def test_rl_seeds_table_against_a_baseline_aggregator_per_coefficient(tmp_path):
+    """UWO against member_0 at the same KL coefficient only, never across coefficients."""
+    import yaml
+
+    from analysis.results import rl_seeds_table
+
+    finals = {("member_0", 0.03): (0.1, 0.2), ("uwo", 0.03): (0.5, 0.6), ("member_0", 0.1): (0.4, 0.5),
+              ("uwo", 0.1): (0.45, 0.55)}
+    for (agg, coef), values in finals.items():
+        for seed, final in enumerate(values):
+            run = tmp_path / "k" / f"{agg}-{coef}-{seed}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(yaml.safe_dump({"method": "ppo", "seed": seed, "ppo": {"kl_coef": coef}}))
+            rows = [{"method": "ppo", "aggregator": agg, "step": s, "kl": k, "sqrt_kl": k ** 0.5, "proxy_score": 0.0,
+                     "proxy_member_scores": [0.0], "gold_score": g, "gold_score_initial": 0.0, "kl_coef": coef}
+                    for s, k, g in ((0, 0.0, 0.0), (10, 4.0, final))]
+            (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = rl_seeds_table({"name": "k", "group_by": ["ppo.kl_coef"], "baseline_aggregator": "member_0", "at": []},
+                           tmp_path)
+    assert "ppo: final gold of uwo kl_coef=0.03 vs member_0 kl_coef=0.03: intervals do not overlap" in table
+    assert "ppo: final gold of uwo kl_coef=0.1 vs member_0 kl_coef=0.1: intervals overlap" in table
+    assert table.count("intervals") == 4  # peak and final at each coefficient, nothing across them
