@@ -352,17 +352,11 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
-def final_point_hypervolume(point: Sequence[float], reference: Sequence[float]) -> float:
-    """Hypervolume of one point against a reference point: prod_j max(0, v_j - r_j), the area
-    (volume) the point dominates (Lu et al. 2025 use the hypervolume of a front; of one point it is
-    this product)."""
-    return float(np.prod([max(0.0, v - r) for v, r in zip(point, reference)]))
-
-
 def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], list[str]]:
     """The experiment's composite runs by setting ("method" plus the values of the spec's
     `group_by: {method: [config keys]}`), each with its evaluation rows in step order and its
     run-level numbers; and the component names."""
+    from analysis.composite import points_hypervolume
     from rlhf_overopt.runs import read_jsonl
 
     keys, offset = spec.get("group_by") or {}, float(spec.get("hv_offset", 1.0))
@@ -380,7 +374,7 @@ def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], l
             "rows": rows, "gold0": gold0,
             "final": rows[-1]["gold_score"] - gold0, "peak": max(r["gold_score"] for r in rows) - gold0,
             "kl": rows[-1]["kl"], "steps": rows[-1]["step"], "components": last,
-            "hv": final_point_hypervolume(last, [v - offset for v in first])})
+            "hv": points_hypervolume(np.array([last], dtype=np.float64), np.array(first, dtype=np.float64) - offset)})
     return dict(sorted(per_setting.items())), names
 
 
