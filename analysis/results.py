@@ -134,6 +134,17 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
+def _save(fig, out: Path) -> Path:
+    """Lay out, write (folders created) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     """Gold and proxy against the step (mean ± std band over seeds) and gold along the mean
     trajectory in d, per (method, aggregator)."""
@@ -166,11 +177,7 @@ def rl_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def rl_frontier_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
@@ -299,11 +306,7 @@ def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 SIGNALS = {  # key: (label, "moved" test against the first evaluation's value)
@@ -435,11 +438,7 @@ def composite_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Pa
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _scaling_run(spec: dict, results: Path) -> Path:
