@@ -31,7 +31,7 @@ from analysis.trajectories import summary_row
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
-RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json", "scaling.json")
+RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json", "scaling.json", "thresholds.json")
 
 
 def experiments(results: Path = RESULTS) -> dict[str, dict]:
@@ -42,7 +42,10 @@ def experiments(results: Path = RESULTS) -> dict[str, dict]:
 def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[Path]:
     """Copy the records of every run under `sources` into results/<name>/<run>/; returns them."""
     out = []
-    runs = [run for source in sources for run in find_run_dirs(source)]
+    # a run that only orchestrates nested runs (proxy_points: thresholds.json, no curves) is a record too
+    runs = [Path(source) for source in sources
+            if (Path(source) / "summary.json").exists() and not (Path(source) / "curves.jsonl").exists()]
+    runs += [run for source in sources for run in find_run_dirs(source)]
     names = [run.name for run in runs]
     for run in runs:
         # runs of different sweeps may share a name (seed0 of two sweeps): then the sweep's folder prefixes it
@@ -441,6 +444,38 @@ def composite_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Pa
     return _save(fig, out)
 
 
+def _thresholds(spec: dict, results: Path) -> dict:
+    found = sorted((results / spec["name"]).glob("*/thresholds.json"))
+    if len(found) != 1:
+        raise ValueError(f"results/{spec['name']}: a proxy_points experiment holds one thresholds.json, found {len(found)}")
+    import json
+
+    return json.loads(found[0].read_text(encoding="utf-8"))
+
+
+def proxy_points_table(spec: dict, results: Path = RESULTS) -> str:
+    """A proxy_points run (Moskovitz et al. 2023, §3) from its thresholds.json: per component, its
+    value at the start and the end of the run that pushed it alone, gold's observed peak, the
+    quadratic fit a + b v + c v^2 of gold against the value, and the proxy point (the fit's maximum
+    within the observed range)."""
+    t = _thresholds(spec, results)
+    lines = ["| component | value at the start → end | gold at the start | gold's observed peak (at value) | "
+             "quadratic fit a, b, c | proxy point |", "|---|---|---|---|---|---|"]
+    for name, fit in t["components"].items():
+        first, last = fit["points"][0], fit["points"][-1]
+        a, b, c = fit["coefficients"]
+        lines.append(f"| {name} | {first[0]:.2f} → {last[0]:.2f} | {first[1]:.3f} | {fit['observed_peak_gold']:.3f} "
+                     f"({fit['observed_peak_value']:.2f}) | {a:.3f}, {b:.3f}, {c:.3f} | {fit['proxy_point']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def proxy_points_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
+    """analysis.composite.plot_proxy_points of the recorded thresholds.json."""
+    from analysis.composite import plot_proxy_points
+
+    return plot_proxy_points(_thresholds(spec, results), out)
+
+
 def _scaling_run(spec: dict, results: Path) -> Path:
     runs = find_run_dirs(results / spec["name"])
     if len(runs) != 1:
@@ -467,9 +502,10 @@ def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
 
 
 TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table,
-          "rl_signals": signals_table, "composite_seeds": composite_seeds_table}
+          "rl_signals": signals_table, "composite_seeds": composite_seeds_table, "proxy_points": proxy_points_table}
 FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure,
-           "composite_seeds": composite_seeds_figure, "rl_frontier": rl_frontier_figure}
+           "composite_seeds": composite_seeds_figure, "rl_frontier": rl_frontier_figure,
+           "proxy_points": proxy_points_figure}
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -214,3 +214,22 @@ def test_rl_seeds_table_against_a_baseline_aggregator_per_coefficient(tmp_path):
     assert "ppo: final gold of uwo kl_coef=0.03 vs member_0 kl_coef=0.03: intervals do not overlap" in table
     assert "ppo: final gold of uwo kl_coef=0.1 vs member_0 kl_coef=0.1: intervals overlap" in table
     assert table.count("intervals") == 4  # peak and final at each coefficient, nothing across them
+
+
+def test_proxy_points_are_recorded_and_tabled(tmp_path):
+    """A proxy_points run holds no curves itself: --collect keeps its thresholds.json beside its
+    nested runs' records, and the table reads it."""
+    from analysis.results import collect, proxy_points_table
+
+    run = tmp_path / "runs" / "pp"
+    (run / "runs" / "sentiment").mkdir(parents=True)
+    (run / "runs" / "sentiment" / "curves.jsonl").write_text("")
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    fit = {"points": [[0.0, 0.2], [1.0, 0.5], [2.0, 0.6]], "coefficients": [0.2, 0.35, -0.05],
+           "proxy_point": 2.0, "observed_peak_value": 2.0, "observed_peak_gold": 0.6}
+    (run / "thresholds.json").write_text(json.dumps({"names": ["sentiment"], "components": {"sentiment": fit}}))
+    records = tmp_path / "results"
+    assert sorted(p.name for p in collect("pp", [str(run)], records)) == ["pp", "sentiment"]
+    assert (records / "pp" / "pp" / "thresholds.json").exists()
+    table = proxy_points_table({"name": "pp"}, records)
+    assert "| sentiment | 0.00 → 2.00 | 0.200 | 0.600 (2.00) | 0.200, 0.350, -0.050 | 2.00 |" in table
