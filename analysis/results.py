@@ -476,6 +476,27 @@ def proxy_points_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     return plot_proxy_points(_thresholds(spec, results), out)
 
 
+def benchmarks_table(spec: dict, results: Path = RESULTS) -> str:
+    """Chosen rows of the benchmark record (`file`, BENCHMARKS.json at the repository root, written by
+    `python bench/run.py`): per `rows` entry [section, figure name], its value and unit, and its ratio
+    to the figure it is measured against, from the same run; the record's date and git SHA first."""
+    import json
+
+    record = json.loads((ROOT / spec.get("file", "BENCHMARKS.json")).read_text(encoding="utf-8"))
+    by_name = {(r["section"], r["name"]): r for r in record["rows"]}
+    machine = record.get("machine", {})
+    lines = [f"From `{spec.get('file', 'BENCHMARKS.json')}` (git {machine.get('git_sha', '?')}, "
+             f"{machine.get('cores', '?')} cores, load {machine.get('load_average', '?')} at its start):", "",
+             "| section | figure | value | ratio | vs |", "|---|---|---:|---:|---|"]
+    for section, name in spec["rows"]:
+        if (section, name) not in by_name:
+            raise ValueError(f"{spec.get('file', 'BENCHMARKS.json')}: no row {section!r} / {name!r}")
+        r = by_name[(section, name)]
+        ratio = "" if r.get("ratio") is None else f"{r['ratio']:.3g}"
+        lines.append(f"| {section} | {name} | {r['value']:.3g} {r['unit']} | {ratio} | {r.get('baseline') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def _scaling_run(spec: dict, results: Path) -> Path:
     runs = find_run_dirs(results / spec["name"])
     if len(runs) != 1:
@@ -502,7 +523,8 @@ def scaling_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
 
 
 TABLES = {"rl_seeds": rl_seeds_table, "bon_seeds": bon_seeds_table, "scaling_law": scaling_table,
-          "rl_signals": signals_table, "composite_seeds": composite_seeds_table, "proxy_points": proxy_points_table}
+          "rl_signals": signals_table, "composite_seeds": composite_seeds_table, "proxy_points": proxy_points_table,
+          "benchmarks": benchmarks_table}
 FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_law": scaling_figure,
            "composite_seeds": composite_seeds_figure, "rl_frontier": rl_frontier_figure,
            "proxy_points": proxy_points_figure}
