@@ -114,7 +114,7 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
             if head == base or other not in groups:
                 continue
             for what, pooled in (("peak", peaks), ("final", finals)):
-                verdict = "overlap" if pooled[(method, label)].overlaps(pooled[other]) else "do not overlap"
+                verdict = pooled[(method, label)].verdict(pooled[other])
                 notes.append(f"{method}: {what} gold of {label} vs {other[1]}: intervals {verdict}")
         return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
     if spec.get("baseline_method"):
@@ -123,7 +123,7 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
             if method == base or (base, agg) not in groups:
                 continue
             for what, pooled in (("peak", peaks), ("final", finals)):
-                verdict = "overlap" if pooled[(method, agg)].overlaps(pooled[(base, agg)]) else "do not overlap"
+                verdict = pooled[(method, agg)].verdict(pooled[(base, agg)])
                 notes.append(f"{agg}: {what} gold of {method} vs {base}: intervals {verdict}")
         return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
     for method in sorted({m for m, _ in groups}):
@@ -132,7 +132,7 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
             continue
         for key, pooled in finals.items():
             if key[0] == method and key != single:
-                verdict = "overlap" if pooled.overlaps(finals[single]) else "do not overlap"
+                verdict = pooled.verdict(finals[single])
                 notes.append(f"{method}: final gold of {key[1]} vs {single[1]}: intervals {verdict}")
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
@@ -258,7 +258,7 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
         single = pooled.get((against, SINGLE))
         if single is None or objective == SINGLE:
             continue
-        verdicts = [f"{what} {'overlap' if s[f].overlaps(single[f]) else 'do not overlap'}"
+        verdicts = [f"{what} {s[f].verdict(single[f])}"
                     for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
         whose = "single members" if against == setting else f"the single members of {against}"
         notes.append(f"{setting}: {objective} vs {whose}: " + "; ".join(verdicts))
@@ -266,7 +266,7 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
         a, b = pooled.get((a_setting, a_objective)), pooled.get((b_setting, b_objective))
         if a is None or b is None:
             continue
-        verdicts = [f"{what} {'overlap' if a[f].overlaps(b[f]) else 'do not overlap'}"
+        verdicts = [f"{what} {a[f].verdict(b[f])}"
                     for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
         notes.append(f"{a_setting} {a_objective} ({a['peak'].mean:+.2f} at the peak) vs {b_setting} {b_objective} "
                      f"({b['peak'].mean:+.2f}): " + "; ".join(verdicts))
@@ -408,7 +408,7 @@ def composite_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     for setting in pooled:
         if base in pooled and setting != base:
             for what, key in (("final gold", "final"), ("hypervolume", "hv")):
-                verdict = "overlap" if pooled[setting][key].overlaps(pooled[base][key]) else "do not overlap"
+                verdict = pooled[setting][key].verdict(pooled[base][key])
                 notes.append(f"{what} of {setting} vs {base}: intervals {verdict}")
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 

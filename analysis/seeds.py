@@ -50,6 +50,13 @@ class Pooled:
     def overlaps(self, other: Pooled) -> bool:
         return self.low <= other.high and other.low <= self.high
 
+    def verdict(self, other: Pooled) -> str:
+        """"overlap" or "do not overlap" for the two 95% intervals; a side with one seed has no
+        interval, so then the comparison is not made ("not compared: one seed")."""
+        if len(self.values) < 2 or len(other.values) < 2:
+            return "not compared: one seed"
+        return "overlap" if self.overlaps(other) else "do not overlap"
+
     def text(self, fmt: str = "+.2f") -> str:
         if len(self.values) == 1:
             return format(self.mean, fmt)

@@ -233,3 +233,10 @@ def test_proxy_points_are_recorded_and_tabled(tmp_path):
     assert (records / "pp" / "pp" / "thresholds.json").exists()
     table = proxy_points_table({"name": "pp"}, records)
     assert "| sentiment | 0.00 → 2.00 | 0.200 | 0.600 (2.00) | 0.200, 0.350, -0.050 | 2.00 |" in table
+
+
+def test_one_seed_is_not_compared():
+    """One seed has no interval: a verdict against it says so instead of 'do not overlap'."""
+    one, two, three = Pooled.of([0.5]), Pooled.of([0.1, 0.2]), Pooled.of([0.6, 0.7])
+    assert one.verdict(two) == "not compared: one seed" == two.verdict(one)
+    assert two.verdict(three) == "do not overlap" and three.verdict(Pooled.of([0.65, 0.8])) == "overlap"
