@@ -190,7 +190,7 @@ def rl_frontier_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
     from analysis.plots import plot_frontier
 
     curves = _rl_curves({**spec, "group_by": []}, results)
-    return plot_frontier(curves, out, title=spec.get("description"))
+    return plot_frontier(curves, out, title=spec.get("title"))
 
 
 def _config_value(config: dict, dotted: str):
