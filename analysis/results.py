@@ -93,8 +93,8 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     at = [float(x) for x in spec.get("at", [4, 8])]
     groups = group_by_setting(_rl_curves(spec, results))
     column = "setting" if spec.get("label") == "setting" else "aggregator"
-    lines = [f"| method | {column} | seeds | peak gold | d at peak | final gold | drop | "
-             + " | ".join(f"gold at d = {x:g}" for x in at) + " |", "|" + "---|" * (7 + len(at))]
+    header = ["method", column, "seeds", "peak gold", "d at peak", "final gold", "drop", *(f"gold at d = {x:g}" for x in at)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     finals: dict[tuple[str, str], Pooled] = {}
     peaks: dict[tuple[str, str], Pooled] = {}
     for (method, agg), group in groups.items():

@@ -186,7 +186,7 @@ def test_rl_seeds_table_against_a_baseline_method(tmp_path):
             (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = rl_seeds_table({"name": "d", "group_by": ["dpo.beta"], "label": "setting", "baseline_method": "dpo",
                             "at": []}, tmp_path)
-    assert "| method | setting | seeds |" in table
+    assert table.startswith("| method | setting | seeds | peak gold | d at peak | final gold | drop |\n")
     assert "| dpo | beta=0.1 | 2 | +0.35 ± 0.07 [+0.30, +0.40] | 2.0 | +0.15 ± 0.07 [+0.10, +0.20] | 0.20 |" in table
     assert "beta=0.1: peak gold of madpo vs dpo: intervals do not overlap" in table
     assert "beta=0.1: final gold of madpo vs dpo: intervals do not overlap" in table
