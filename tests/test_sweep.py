@@ -198,7 +198,11 @@ def test_bad_value_exits_2_naming_run_and_key_before_any_run(tmp_path: Path) -> 
     assert not runs_root.exists()
 
 
-def test_shipped_sweeps_expand_and_validate(tmp_path: Path) -> None:
+def test_shipped_sweeps_expand_and_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # configs/sweeps/constrained_seeds.yaml reads the run its experiment makes first
+    # (launch/train.py --config configs/proxy_points.yaml -> runs/proxy_points), which a clean clone lacks
+    (tmp_path / "runs" / "proxy_points").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
         runs = plan_runs(load_sweep(path), tmp_path / "runs")
         assert runs and len({r.name for r in runs}) == len(runs), path
