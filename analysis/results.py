@@ -485,15 +485,18 @@ def benchmarks_table(spec: dict, results: Path = RESULTS) -> str:
     record = json.loads((ROOT / spec.get("file", "BENCHMARKS.json")).read_text(encoding="utf-8"))
     by_name = {(r["section"], r["name"]): r for r in record["rows"]}
     machine = record.get("machine", {})
-    lines = [f"From `{spec.get('file', 'BENCHMARKS.json')}` (git {machine.get('git_sha', '?')}, "
+    when = f"written {record['written_at']} in {record['wall_min']} min, " if "written_at" in record else ""
+    lines = [f"From `{spec.get('file', 'BENCHMARKS.json')}` ({when}git {machine.get('git_sha', '?')}, "
              f"{machine.get('cores', '?')} cores, load {machine.get('load_average', '?')} at its start):", "",
-             "| section | figure | value | ratio | vs |", "|---|---|---:|---:|---|"]
+             "| section | figure | value | ratio | vs | target | met |", "|---|---|---:|---:|---|---|---|"]
     for section, name in spec["rows"]:
         if (section, name) not in by_name:
             raise ValueError(f"{spec.get('file', 'BENCHMARKS.json')}: no row {section!r} / {name!r}")
         r = by_name[(section, name)]
         ratio = "" if r.get("ratio") is None else f"{r['ratio']:.3g}"
-        lines.append(f"| {section} | {name} | {r['value']:.3g} {r['unit']} | {ratio} | {r.get('baseline') or ''} |")
+        met = "" if r.get("met") is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {section} | {name} | {r['value']:.3g} {r['unit']} | {ratio} | {r.get('baseline') or ''} | "
+                     f"{r.get('target') or ''} | {met} |")
     return "\n".join(lines) + "\n"
 
 

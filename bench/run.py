@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(text)
     tmp.replace(out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
-    json_path.write_text(json.dumps({"machine": info, "peak_gflops": peak, "rows": [r.as_dict() for r in rows],
-                                     "failures": failures}, indent=2))
+    json_path.write_text(json.dumps({"machine": info, "written_at": time.strftime("%Y-%m-%d %H:%M"),
+                                     "wall_min": round((time.time() - started) / 60, 1), "peak_gflops": peak,
+                                     "rows": [r.as_dict() for r in rows], "failures": failures}, indent=2))
     print(f"\nwrote {out} and {json_path}")
     return 1 if failures else 0
 

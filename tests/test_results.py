@@ -240,3 +240,22 @@ def test_one_seed_is_not_compared():
     one, two, three = Pooled.of([0.5]), Pooled.of([0.1, 0.2]), Pooled.of([0.6, 0.7])
     assert one.verdict(two) == "not compared: one seed" == two.verdict(one)
     assert two.verdict(three) == "do not overlap" and three.verdict(Pooled.of([0.65, 0.8])) == "overlap"
+
+
+def test_benchmarks_table_reads_the_chosen_rows(tmp_path, monkeypatch):
+    import analysis.results as results
+
+    record = {"machine": {"git_sha": "abc", "cores": 2, "load_average": "0.1"}, "written_at": "2026-12-01 20:00",
+              "wall_min": 19.0, "rows": [
+                  {"section": "ppo_step", "name": "update", "value": 1.2, "unit": "s", "ratio": 0.6667,
+                   "baseline": "share of the PPO step", "target": "", "met": None},
+                  {"section": "dpo", "name": "vs TRL", "value": 0.78, "unit": "x", "ratio": 0.78, "baseline": "TRL",
+                   "target": "<= 1.0x", "met": True}]}
+    (tmp_path / "B.json").write_text(json.dumps(record))
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    table = results.benchmarks_table({"file": "B.json", "rows": [["dpo", "vs TRL"], ["ppo_step", "update"]]})
+    assert "(written 2026-12-01 20:00 in 19.0 min, git abc, 2 cores" in table
+    assert table.index("| dpo | vs TRL | 0.78 x | 0.78 | TRL | <= 1.0x | yes |") < table.index(
+        "| ppo_step | update | 1.2 s | 0.667 | share of the PPO step |  |  |")
+    with pytest.raises(ValueError, match="no row 'zero' / 'x'"):
+        results.benchmarks_table({"file": "B.json", "rows": [["zero", "x"]]})
