@@ -89,9 +89,13 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     final-gold intervals overlap: each row against its method's single proxy (member_i); with
     `baseline_method: M` each other method's row against M's row of the same setting, on peak and
     final gold (DPO vs MADPO at one beta); with `baseline_aggregator: A` each row against A's row of
-    the same setting (UWO vs member_0 at one KL coefficient). `label: setting` labels rows by their group_by values only."""
+    the same setting (UWO vs member_0 at one KL coefficient). `order: [labels]` orders the rows. `label: setting` labels rows by their group_by values only."""
     at = [float(x) for x in spec.get("at", [4, 8])]
     groups = group_by_setting(_rl_curves(spec, results))
+    if spec.get("order"):  # rows in the spec's order of labels (e.g. data tiers high, medium, low), then the rest
+        order = spec["order"]
+        groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]) if kv[0][1] in order
+                                                            else len(order), kv[0][1])))
     column = "setting" if spec.get("label") == "setting" else "aggregator"
     header = ["method", column, "seeds", "peak gold", "d at peak", "final gold", "drop", *(f"gold at d = {x:g}" for x in at)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
