@@ -17,8 +17,7 @@ All functions here are pure: arrays and scalars in, arrays, scalars or dicts out
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -247,21 +246,3 @@ def kl_gold_frontier(d: npt.ArrayLike, gold: npt.ArrayLike) -> npt.NDArray[np.in
             best = float(gold_arr[index])
     return np.array(frontier, dtype=np.int64)
 
-
-def end_points(curve: Any) -> dict[str, float] | None:
-    """:func:`overoptimization_measures` of one loaded curve (an ``analysis.load.Curve``) in its
-    budget order, ``curve.budget``: its gold peak and its final point in training order, the two
-    points a run contributes to a frontier across a sweep's coefficients. None when the curve has
-    no finite point."""
-    try:
-        return overoptimization_measures(curve.sqrt_kl, curve.gold, curve.proxy, budget=curve.budget)
-    except ValueError:
-        return None
-
-
-def run_frontier(curves: Sequence[Any]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(d, gold) of every run's gold peak and final point (:func:`end_points`), the points a
-    frontier across KL coefficients is drawn through (each run is one budget)."""
-    points = [(e[d], e[g]) for c in curves if (e := end_points(c)) is not None
-              for d, g in (("sqrt_kl_at_peak", "peak_gold"), ("final_sqrt_kl", "final_gold"))]
-    return np.array([p[0] for p in points], dtype=np.float64), np.array([p[1] for p in points], dtype=np.float64)

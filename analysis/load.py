@@ -124,6 +124,17 @@ class Curve:
             return self.n
         return self.step.astype(np.float64)
 
+    def end_points(self) -> dict[str, float] | None:
+        """:func:`analysis.fit.overoptimization_measures` in budget order: the gold peak and the final
+        point in training order, the two points a run contributes to a frontier across a sweep's
+        coefficients. None when the curve has no finite point."""
+        from analysis.fit import overoptimization_measures
+
+        try:
+            return overoptimization_measures(self.sqrt_kl, self.gold, self.proxy, budget=self.budget)
+        except ValueError:
+            return None
+
     @property
     def label(self) -> str:
         """Short human-readable label: aggregator plus the coefficients that are set."""
@@ -135,6 +146,14 @@ class Curve:
         if self.seed is not None:
             parts.append(f"seed={self.seed}")
         return " ".join(parts)
+
+
+def run_frontier(curves: Iterable[Curve]) -> tuple[FloatArray, FloatArray]:
+    """(d, gold) of every run's gold peak and final point (:meth:`Curve.end_points`), the points a
+    frontier across KL coefficients is drawn through (each run is one budget)."""
+    points = [(e[d], e[g]) for c in curves if (e := c.end_points()) is not None
+              for d, g in (("sqrt_kl_at_peak", "peak_gold"), ("final_sqrt_kl", "final_gold"))]
+    return np.array([p[0] for p in points], dtype=np.float64), np.array([p[1] for p in points], dtype=np.float64)
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:

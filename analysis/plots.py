@@ -24,8 +24,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.fit import bon_form, end_points, kl_gold_frontier, rl_form, run_frontier
-from analysis.load import Curve
+from analysis.fit import bon_form, kl_gold_frontier, rl_form
+from analysis.load import Curve, run_frontier
 
 X_LABEL = "sqrt(KL(π‖π_init)) [sqrt nats]"
 GOLD_LABEL = "gold score (relative to initial policy)"
@@ -168,7 +168,7 @@ def plot_frontier(
     Left panel: each run (aggregator x kl_coef/beta x seed) is a thin line with its points in
     training order, a star at its gold peak and a square at its final point; per aggregator a
     thick step line joins the frontier points, the best peak or final gold any run of that
-    aggregator reached at or below each KL (see :func:`analysis.fit.run_frontier` and
+    aggregator reached at or below each KL (see :func:`analysis.load.run_frontier` and
     :func:`analysis.fit.kl_gold_frontier`); optional fitted forms per aggregator (e.g. a
     fit pooled over the aggregator's runs) are drawn dotted. Right panel: each run's aggregated
     proxy objective, dashed, in the same colours, so that a proxy that keeps rising where gold
@@ -209,7 +209,7 @@ def plot_frontier(
             color=color,
             label=curve.label,
         )
-        ends = end_points(curve)
+        ends = curve.end_points()
         if ends is not None:
             ax.plot(ends["sqrt_kl_at_peak"], ends["peak_gold"], "*", markersize=11, color=color,
                     markeredgecolor="black", markeredgewidth=0.6)

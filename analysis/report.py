@@ -40,8 +40,6 @@ from analysis.fit import (
     FitResult,
     fit_bon,
     fit_rl,
-    end_points,
-    overoptimization_measures,
     predicted_peak_bon,
     predicted_peak_rl,
 )
@@ -128,12 +126,7 @@ def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, An
             "beta": curve.beta,
             "seed": curve.seed,
         }
-        try:
-            row.update(
-                overoptimization_measures(curve.sqrt_kl, curve.gold, curve.proxy, budget=curve.budget)
-            )
-        except ValueError:
-            pass
+        row.update(curve.end_points() or {})
         chosen = resolve_form(curve.method, form)
         row["form"] = chosen
         row.update(_fit_row(chosen, curve.sqrt_kl, curve.gold))
@@ -258,11 +251,11 @@ def build_group_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[s
         d = np.concatenate([c.sqrt_kl for c in group])
         gold = np.concatenate([c.gold for c in group])
         row: dict[str, Any] = {"method": method, "aggregator": aggregator, "runs": len(group)}
-        ends = [(c, e) for c in group if (e := end_points(c)) is not None]
+        ends = [(c, e) for c in group if (e := c.end_points()) is not None]
         if ends:
             peak_run, peak = max(ends, key=lambda ce: ce[1]["peak_gold"])
             final_run, final = max(ends, key=lambda ce: ce[1]["final_gold"])
-            far_run, far = max(ends, key=lambda ce: ce[1]["final_sqrt_kl"])
+            _, far = max(ends, key=lambda ce: ce[1]["final_sqrt_kl"])
             row.update(
                 best_run=peak_run.run_dir.name,
                 best_peak_gold=peak["peak_gold"],

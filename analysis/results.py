@@ -15,6 +15,7 @@ results/ and compares, so a number typed into the README by hand fails it.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -99,46 +100,42 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     column = "setting" if spec.get("label") == "setting" else "aggregator"
     header = ["method", column, "seeds", "peak gold", "d at peak", "final gold", "drop", *(f"gold at d = {x:g}" for x in at)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    finals: dict[tuple[str, str], Pooled] = {}
-    peaks: dict[tuple[str, str], Pooled] = {}
+    summaries: dict[tuple[str, str], dict] = {}
     for (method, agg), group in groups.items():
-        s = pooled_summary(group, at)
-        finals[(method, agg)] = s["final"]
-        peaks[(method, agg)] = s["peak"]
+        s = summaries[(method, agg)] = pooled_summary(group, at)
         cells = [method, agg, str(len(group)), s["peak"].text(), f"{s['d_peak'].mean:.1f}", s["final"].text(),
                  f"{s['drop'].mean:.2f}", *("—" if s[f"gold_at_{x:g}"] is None else s[f"gold_at_{x:g}"].text()
                                           for x in at)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
-    if spec.get("baseline_aggregator"):  # each row against the baseline aggregator's row of the same setting
-        base = spec["baseline_aggregator"]
-        for (method, label) in groups:
+    for (method, label), (other, note, what) in _rl_baselines(spec, list(groups)).items():
+        for w in what:
+            verdict = summaries[(method, label)][w].verdict(summaries[other][w])
+            notes.append(note.format(what=w) + f": intervals {verdict}")
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def _rl_baselines(spec: dict, keys: list[tuple[str, str]]) -> dict:
+    """(method, label) -> (its baseline row, the note naming the pair with {what} for the quantity,
+    the quantities compared): `baseline_aggregator` (same setting), `baseline_method` (same label), or
+    by default the method's first single-proxy (member_i) row, on final gold."""
+    out = {}
+    for method, label in keys:
+        if spec.get("baseline_aggregator"):
+            base = spec["baseline_aggregator"]
             head, *rest = label.split(" ")
             other = (method, " ".join([base, *rest]))
-            if head == base or other not in groups:
-                continue
-            for what, pooled in (("peak", peaks), ("final", finals)):
-                verdict = pooled[(method, label)].verdict(pooled[other])
-                notes.append(f"{method}: {what} gold of {label} vs {other[1]}: intervals {verdict}")
-        return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
-    if spec.get("baseline_method"):
-        base = spec["baseline_method"]
-        for (method, agg) in groups:
-            if method == base or (base, agg) not in groups:
-                continue
-            for what, pooled in (("peak", peaks), ("final", finals)):
-                verdict = pooled[(method, agg)].verdict(pooled[(base, agg)])
-                notes.append(f"{agg}: {what} gold of {method} vs {base}: intervals {verdict}")
-        return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
-    for method in sorted({m for m, _ in groups}):
-        single = next((k for k in finals if k[0] == method and k[1].startswith("member_")), None)
-        if single is None:
-            continue
-        for key, pooled in finals.items():
-            if key[0] == method and key != single:
-                verdict = pooled.verdict(finals[single])
-                notes.append(f"{method}: final gold of {key[1]} vs {single[1]}: intervals {verdict}")
-    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+            if head != base and other in keys:
+                out[(method, label)] = (other, f"{method}: {{what}} gold of {label} vs {other[1]}", ("peak", "final"))
+        elif spec.get("baseline_method"):
+            other = (spec["baseline_method"], label)
+            if method != other[0] and other in keys:
+                out[(method, label)] = (other, f"{label}: {{what}} gold of {method} vs {other[0]}", ("peak", "final"))
+        else:
+            single = next((k for k in keys if k[0] == method and k[1].startswith("member_")), None)
+            if single is not None and (method, label) != single:
+                out[(method, label)] = (single, f"{method}: {{what}} gold of {label} vs {single[1]}", ("final",))
+    return out
 
 
 def _save(fig, out: Path) -> Path:
@@ -452,8 +449,6 @@ def _thresholds(spec: dict, results: Path) -> dict:
     found = sorted((results / spec["name"]).glob("*/thresholds.json"))
     if len(found) != 1:
         raise ValueError(f"results/{spec['name']}: a proxy_points experiment holds one thresholds.json, found {len(found)}")
-    import json
-
     return json.loads(found[0].read_text(encoding="utf-8"))
 
 
@@ -463,8 +458,8 @@ def proxy_points_table(spec: dict, results: Path = RESULTS) -> str:
     quadratic fit a + b v + c v^2 of gold against the value, and the proxy point (the fit's maximum
     within the observed range)."""
     t = _thresholds(spec, results)
-    lines = ["| component | value at the start → end | gold at the start | gold's observed peak (at value) | "
-             "quadratic fit a, b, c | proxy point |", "|---|---|---|---|---|---|"]
+    lines = [("| component | value at the start → end | gold at the start | gold's observed peak (at value) | "
+              "quadratic fit a, b, c | proxy point |"), "|---|---|---|---|---|---|"]
     for name, fit in t["components"].items():
         first, last = fit["points"][0], fit["points"][-1]
         a, b, c = fit["coefficients"]
@@ -490,8 +485,8 @@ def benchmarks_table(spec: dict, results: Path = RESULTS) -> str:
     by_name = {(r["section"], r["name"]): r for r in record["rows"]}
     machine = record.get("machine", {})
     when = f"written {record['written_at']} in {record['wall_min']} min, " if "written_at" in record else ""
-    lines = [f"From `{spec.get('file', 'BENCHMARKS.json')}` ({when}git {machine.get('git_sha', '?')}, "
-             f"{machine.get('cores', '?')} cores, load {machine.get('load_average', '?')} at its start):", "",
+    lines = [(f"From `{spec.get('file', 'BENCHMARKS.json')}` ({when}git {machine.get('git_sha', '?')}, "
+              f"{machine.get('cores', '?')} cores, load {machine.get('load_average', '?')} at its start):"), "",
              "| section | figure | value | ratio | vs | target | met |", "|---|---|---:|---:|---|---|---|"]
     for section, name in spec["rows"]:
         if (section, name) not in by_name:

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. report
     print()
     print(table(rows))
-    text = report(info, ctx, rows, titles, failures, args, time.time() - started)
+    wall = time.time() - started
+    text = report(info, ctx, rows, titles, failures, args, wall)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
     json_path.write_text(json.dumps({"machine": info, "written_at": time.strftime("%Y-%m-%d %H:%M"),
-                                     "wall_min": round((time.time() - started) / 60, 1), "peak_gflops": peak,
+                                     "wall_min": round(wall / 60, 1), "peak_gflops": peak,
                                      "rows": [r.as_dict() for r in rows], "failures": failures}, indent=2))
     print(f"\nwrote {out} and {json_path}")
     return 1 if failures else 0

@@ -410,8 +410,7 @@ def test_group_rows_and_frontier_use_each_runs_peak_and_final_point(tmp_path: Pa
     """Under a KL penalty a run's KL rises and comes back (#15): the group row reads each run's
     final point in training order, not the point of largest KL, and the frontier is drawn through
     each run's peak and final point only."""
-    from analysis.fit import run_frontier
-    from analysis.load import load_runs
+    from analysis.load import load_runs, run_frontier
     from analysis.report import build_group_rows
 
     paths = {  # (d, gold) in training order

@@ -243,7 +243,7 @@ def test_one_seed_is_not_compared():
 
 
 def test_benchmarks_table_reads_the_chosen_rows(tmp_path, monkeypatch):
-    import analysis.results as results
+    from analysis import results
 
     record = {"machine": {"git_sha": "abc", "cores": 2, "load_average": "0.1"}, "written_at": "2026-12-01 20:00",
               "wall_min": 19.0, "rows": [
