@@ -8,17 +8,22 @@ building their own.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rlhf_overopt.config import TestbedConfig
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `launch` (the sweep supervisor) is a folder of the checkout, not installed
     sys.path.insert(0, str(ROOT))
+# Subprocesses (scripts written to tmp_path, spawned ranks, deepspeed workers) import this checkout's
+# code too, not whatever copy of rlhf_overopt is installed (an editable install can point at another
+# checkout, or at one that no longer exists).
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+from rlhf_overopt.config import TestbedConfig  # noqa: E402  (after the path set-up above)
 TINY_TESTBED_YAML = ROOT / "configs" / "tiny" / "build_testbed.yaml"
 
 
