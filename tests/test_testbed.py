@@ -225,9 +225,8 @@ def test_testbed_layout_round_trips(tiny_testbed):
 def test_cli_reuses_and_summarizes(tiny_testbed, tiny_testbed_config):
     cfg = tiny_testbed_config
     overrides = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "seed"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-m", "rlhf_overopt.testbed", "--seed", str(cfg.seed), "--quiet",
-                             *overrides], check=False, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+                             *overrides], check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert f"testbed: {tiny_testbed.root}" in result.stdout
     assert "SFT held-out loss" in result.stdout and "agreement with clean gold" in result.stdout
