@@ -19,8 +19,8 @@ and the hypervolume of all runs' final points together.
 
 Like the rest of ``analysis/`` this reads plain files only (``config.yaml``, ``curves.jsonl``,
 ``summary.json``, ``nm_path.jsonl``); the imports from the package are the pure tensor math
-:func:`rlhf_overopt.constrained.hypervolume` / :func:`~rlhf_overopt.constrained.pareto_mask` and
-the list of composite methods (:data:`rlhf_overopt.config.COMPOSITE_METHODS`, from its method table).
+:func:`rlhf_overopt.ops.constrained.hypervolume` / :func:`~rlhf_overopt.ops.constrained.pareto_mask` and
+the list of composite methods (:data:`rlhf_overopt.config.methods.COMPOSITE_METHODS`, from its method table).
 
 Exit status: 0 on success, 2 when a run directory is missing, empty or not a composite run.
 """
@@ -48,8 +48,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning, load_for_cli
-from rlhf_overopt.config import COMPOSITE_METHODS
-from rlhf_overopt.constrained import hypervolume, pareto_mask
+from rlhf_overopt.config.methods import COMPOSITE_METHODS
+from rlhf_overopt.ops.constrained import hypervolume, pareto_mask
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -325,7 +325,7 @@ def signals_table(spec: dict, results: Path = RESULTS) -> str:
     """When each overoptimization signal moves, against when gold peaks, run by run: the first
     evaluation at which it has moved (SIGNALS) and whether that is before gold's peak (early
     warning) or only at or after it (audit); then how many runs it warned in before the peak."""
-    from rlhf_overopt.runs import read_jsonl
+    from rlhf_overopt.run.directory import read_jsonl
 
     lines = ["| run | aggregator | gold peak (step) | " + " | ".join(
         f"{label}: start → peak → end, moved at" for label, _, _ in SIGNALS.values()) + " |",
@@ -364,7 +364,7 @@ def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], l
     `group_by: {method: [config keys]}`), each with its evaluation rows in step order and its
     run-level numbers; and the component names."""
     from analysis.composite import points_hypervolume
-    from rlhf_overopt.runs import read_jsonl
+    from rlhf_overopt.run.directory import read_jsonl
 
     keys, offset = spec.get("group_by") or {}, float(spec.get("hv_offset", 1.0))
     per_setting: dict[str, list[dict]] = {}

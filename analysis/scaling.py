@@ -1,6 +1,6 @@
 """Report of a scaling_law run (Gao, Schulman & Hilton 2022, §3.2, Fig. 3-4): tables and figures
 from the run directory's scaling.json (per-cell fits and trend lines, written by the driver with
-rlhf_overopt.scaling) and curves.jsonl.
+rlhf_overopt.ops.scaling) and curves.jsonl.
 
 Command line::
 
@@ -29,7 +29,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.run.directory import read_jsonl
 
 RESULTS_FILE = "scaling.json"
 _DPI = 110

@@ -68,7 +68,7 @@ def sample_and_score(policy, tokenizer, ensemble, gold, prompts: list[str], n: i
 
 def best_of_n_gold(members: torch.Tensor, gold: torch.Tensor, aggregators: list[str], cfg) -> dict[str, torch.Tensor]:
     """Gold score of each prompt's best sample by every aggregator. members (K, P, n); gold (P, n)."""
-    from rlhf_overopt.aggregate import aggregate
+    from rlhf_overopt.ops.aggregate import aggregate
 
     k, p, n = members.shape
     agg = cfg.aggregate
@@ -81,9 +81,9 @@ def best_of_n_gold(members: torch.Tensor, gold: torch.Tensor, aggregators: list[
 
 
 def all_n_vs_resampling(ctx: BenchContext, n_prompts: int, pool_size: int) -> tuple[list[Row], dict[str, Any]]:
-    from rlhf_overopt.gold import GoldScorer
     from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid
-    from rlhf_overopt.models import load_causal_lm
+    from rlhf_overopt.rewards.gold import GoldScorer
+    from rlhf_overopt.run.models import load_causal_lm
 
     cfg = bench_config(ctx, pool_size)
     tokenizer = ctx.testbed.load_tokenizer()
@@ -140,7 +140,7 @@ def all_n_vs_resampling(ctx: BenchContext, n_prompts: int, pool_size: int) -> tu
 
 def estimator_scaling(ctx: BenchContext, n_prompts: int, pool_sizes: tuple[int, ...]) -> list[Row]:
     """Time of one bon_expected call for all n in 1, 2, 4, ..., N, at each pool size N."""
-    from rlhf_overopt.bon import bon_expected
+    from rlhf_overopt.ops.bon import bon_expected
 
     generator = torch.Generator().manual_seed(ctx.config.seed)
     rows, first = [], None

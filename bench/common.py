@@ -56,7 +56,7 @@ class BenchContext:
     testbed: Any
     """rlhf_overopt.testbed.build.Testbed the CPU sections run on."""
     config: Any
-    """rlhf_overopt.config.Config of the main job, with the testbed section above."""
+    """rlhf_overopt.config.experiment.Config of the main job, with the testbed section above."""
     work_dir: Path
     """Scratch folder for run directories, checkpoints and launcher logs."""
     threads: int = 1

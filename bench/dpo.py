@@ -6,7 +6,7 @@ preference format has it), the DPO job's settings (configs/dpo.yaml: batch size,
 gradient clipping), the same token cap (the policy's context length; no pair reaches it), sigmoid
 DPO loss, AdamW with eps 1e-5, no weight decay and a constant LR on both sides (TRL keeps its
 default fused AdamW implementation), CPU, `ctx.threads` torch threads. Both see the same batches
-in the same order: TRL gets the pairs in our epoch's order (`rlhf_overopt.seeds.batch_indices`) and samples
+in the same order: TRL gets the pairs in our epoch's order (`rlhf_overopt.run.seeds.batch_indices`) and samples
 them sequentially. TRL's DPOConfig turns activation checkpointing on by default (every forward is
 recomputed in the backward); ours does not checkpoint, so the targeted comparison turns it off,
 and one row times TRL as it comes.
@@ -63,16 +63,16 @@ class Data:
     columns: dict[str, list[str]]
     """prompt / chosen / rejected of the M pairs, in dataset order."""
     pairs: Any
-    """rlhf_overopt.preferences.TokenizedPairs of the same pairs (EOS after every response)."""
+    """rlhf_overopt.data.preferences.TokenizedPairs of the same pairs (EOS after every response)."""
     order: list[int]
-    """Our epoch's pair order: the concatenated batches of rlhf_overopt.seeds.batch_indices."""
+    """Our epoch's pair order: the concatenated batches of rlhf_overopt.run.seeds.batch_indices."""
     max_length: int
     steps: int
 
 
 def load_data(ctx: BenchContext, d, tokenizer, max_length: int) -> Data:
-    from rlhf_overopt.seeds import batch_indices
-    from rlhf_overopt.preferences import tokenize_pairs
+    from rlhf_overopt.data.preferences import tokenize_pairs
+    from rlhf_overopt.run.seeds import batch_indices
 
     prefs = ctx.testbed.load_prefs()
     wanted = 64 if ctx.quick else 512
@@ -101,10 +101,10 @@ class Ours:
 def build_ours(ctx: BenchContext, d, data: Data, tokenizer, precompute: bool, tag: str) -> tuple[Ours, float]:
     """Step 3 of loops/dpo.py: policy engine, frozen reference and (optionally) the reference
     log-probs of every pair. Returns the pieces and the precompute time."""
-    from rlhf_overopt.engines import ds_config, frozen_model, train_engine
-    from rlhf_overopt.dist import sharded_map
+    from rlhf_overopt.data.preferences import collate_pairs
+    from rlhf_overopt.run.dist import sharded_map
+    from rlhf_overopt.run.engines import ds_config, frozen_model, train_engine
     from rlhf_overopt.update import pair_logprobs
-    from rlhf_overopt.preferences import collate_pairs
 
     cfg = ctx.config
     engine_cfg = ds_config(zero_stage=cfg.deepspeed.zero_stage, micro_batch_per_rank=d.batch_size, world_size=1,
@@ -131,10 +131,10 @@ def our_epoch(ours: Ours, data: Data, d, pad_token_id: int, seed: int) -> list[f
     """One epoch of loops/dpo.py's per-step work: its batch selection and its `preference_step`
     (log-probs, loss, backward, step, statistics), without evaluation and checkpoints.
     Returns the step losses."""
-    from rlhf_overopt.seeds import batch_indices
+    from rlhf_overopt.data.preferences import collate_pairs
+    from rlhf_overopt.run.directory import append_jsonl
+    from rlhf_overopt.run.seeds import batch_indices
     from rlhf_overopt.update import preference_step
-    from rlhf_overopt.preferences import collate_pairs
-    from rlhf_overopt.runs import append_jsonl
 
     engine, n, device = ours.engine, len(data.pairs), torch.device("cpu")
     losses = []
@@ -227,7 +227,7 @@ def build_trl(ctx: BenchContext, d, data: Data, tokenizer, precompute: bool, tag
 
 
 def load_policy(ctx: BenchContext) -> torch.nn.Module:
-    from rlhf_overopt.models import load_causal_lm
+    from rlhf_overopt.run.models import load_causal_lm
 
     cfg = ctx.config
     return load_causal_lm(str(ctx.testbed.policy_dir), dtype=getattr(torch, cfg.policy.dtype),
@@ -270,8 +270,8 @@ def run(ctx: BenchContext) -> list[Row]:
 
 
 def measure(ctx: BenchContext) -> list[Row]:
-    from rlhf_overopt.engines import ensure_process_group
-    from rlhf_overopt.models import context_length
+    from rlhf_overopt.run.engines import ensure_process_group
+    from rlhf_overopt.run.models import context_length
 
     torch.manual_seed(ctx.config.seed)
     cfg = ctx.config
@@ -371,7 +371,7 @@ def trl_epoch(trainer, clock) -> float:
 def dpo_settings(ctx: BenchContext):
     """The dpo section of the DPO job's config (configs/dpo.yaml); batches of 8 with --quick."""
     from bench.common import ROOT
-    from rlhf_overopt.config import load_config
+    from rlhf_overopt.config.load import load_config
 
     d = load_config(ROOT / "configs" / "dpo.yaml", check_paths=False).dpo
     return dataclasses.replace(d, batch_size=8) if ctx.quick else d

@@ -7,7 +7,7 @@ ended). Timed call, the framework's own scoring path after tokenization:
 
     t(kind, K) = median wall time of ProxyEnsemble.score_sequences(seqs, standardized=False, method)
 
-for K = 1, 3, 5 and four ways to hold K members (rlhf_overopt/members.py):
+for K = 1, 3, 5 and four ways to hold K members (rlhf_overopt/rewards/members.py):
 
     independent, loop   K sequence-classification models, scored one after the other
     independent, vmap   the same K models, weights stacked, one torch.func.vmap call
@@ -46,9 +46,9 @@ MULTIHEAD_TARGET = 1.3
 
 def independent_ensemble(testbed, tokenizer, k: int, *, score_batch_size: int, seed: int = 0):
     """K untrained independent members from the SFT policy, heads seeded `seed + i` (train_ensemble's rule)."""
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import SeparateMembers
-    from rlhf_overopt.models import reward_model_from_pretrained
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import SeparateMembers
+    from rlhf_overopt.run.models import reward_model_from_pretrained
 
     models = [reward_model_from_pretrained(testbed.policy_dir, pad_token_id=tokenizer.pad_token_id, seed=seed + i)
               for i in range(k)]
@@ -58,9 +58,9 @@ def independent_ensemble(testbed, tokenizer, k: int, *, score_batch_size: int, s
 
 def multihead_ensemble(testbed, tokenizer, k: int, *, score_batch_size: int, seed: int = 0):
     """One backbone of the SFT policy and K heads seeded `seed + i`."""
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import MultiHeadMembers, MultiHeadRewardModel
-    from rlhf_overopt.models import backbone_from_pretrained
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import MultiHeadMembers, MultiHeadRewardModel
+    from rlhf_overopt.run.models import backbone_from_pretrained
 
     model = MultiHeadRewardModel(backbone_from_pretrained(testbed.policy_dir), [seed + i for i in range(k)]).eval()
     return ProxyEnsemble(MultiHeadMembers(member_names(k), model), tokenizer,
@@ -72,15 +72,15 @@ def lora_ensemble(testbed, tokenizer, k: int, proxy_cfg, *, score_batch_size: in
     """A frozen reward-model base and K LoRA adapters with the framework's LoRA config (`_lora_config`)."""
     from peft import get_peft_model
 
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import LoraMembers
-    from rlhf_overopt.models import (
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import LoraMembers
+    from rlhf_overopt.rewards.training import _lora_config
+    from rlhf_overopt.run.models import (
         init_reward_head_,
         quiet_transformers,
         reward_head,
         reward_model_from_pretrained,
     )
-    from rlhf_overopt.rm_training import _lora_config
 
     base = reward_model_from_pretrained(testbed.policy_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
     base_state = dict(base.state_dict())
@@ -106,7 +106,7 @@ def member_names(k: int) -> list[str]:
 
 def max_length(model) -> int:
     """train_ensemble's token cap with proxy.max_length = 0: the backbone's context length."""
-    from rlhf_overopt.models import context_length
+    from rlhf_overopt.run.models import context_length
 
     return context_length(model.config) or 1024
 
@@ -162,7 +162,7 @@ def top(ops: dict[str, float], n: int) -> list[str]:
 
 
 def run(ctx: BenchContext) -> list[Row]:
-    from rlhf_overopt.models import tokenize_for_reward
+    from rlhf_overopt.run.models import tokenize_for_reward
 
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.config.seed)
@@ -245,8 +245,8 @@ def explain_vmap(ctx: BenchContext, ensemble, seqs: list[list[int]], t: dict[str
     pays, and a per-operator profile of both paths."""
     import copy
 
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import SeparateMembers
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import SeparateMembers
 
     k = ensemble.k
     repeats = max(2, ctx.repeats // 2)

@@ -108,8 +108,8 @@ def proxy_ensemble(config, tokenizer, k: int, device: torch.device):
     """K untrained reward models of the policy's shape (scoring cost does not depend on weights)."""
     from transformers import GPT2ForSequenceClassification
 
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import SeparateMembers
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import SeparateMembers
 
     models = []
     for i in range(k):
@@ -121,7 +121,7 @@ def proxy_ensemble(config, tokenizer, k: int, device: torch.device):
 
 def update_step(policy, value, optimizers, ro, old_logprobs, old_values, advantages, returns, cfg, device):
     """One minibatch optimizer step of policy and value, the computation of rlhf_overopt.update.ppo_update."""
-    from rlhf_overopt.losses import ppo_policy_loss, ppo_value_loss
+    from rlhf_overopt.ops.losses import ppo_policy_loss, ppo_value_loss
     from rlhf_overopt.rollout import sequence_logprobs
     from rlhf_overopt.values import response_values
 
@@ -217,7 +217,7 @@ def update_variant(ctx: BenchContext, config, ro, device: torch.device, s: Sizes
 
     from transformers import GPT2LMHeadModel, GPT2Model
 
-    from rlhf_overopt.engines import enable_gradient_checkpointing, lora_policy
+    from rlhf_overopt.run.engines import enable_gradient_checkpointing, lora_policy
     from rlhf_overopt.values import ValueModel
 
     cfg = ctx.config
@@ -272,10 +272,10 @@ def measure_lora(ctx: BenchContext, config, ro, device: torch.device, s: Sizes) 
 
 def measure_ensemble(ctx: BenchContext, config, tokenizer, ro, device: torch.device) -> list[Row]:
     """Proxy scoring of the rollout by K = 1 and K = 5 members (K=1 is the K=5 ensemble's first member)."""
-    from rlhf_overopt.aggregate import aggregator
     from rlhf_overopt.evaluate import score_proxies
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import SeparateMembers
+    from rlhf_overopt.ops.aggregate import aggregator
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import SeparateMembers
 
     ensemble = proxy_ensemble(config, tokenizer, 5, device)
     single = ProxyEnsemble(SeparateMembers("independent", ["member_0"], ensemble.members.models[:1]), tokenizer,

@@ -50,8 +50,8 @@ def measure_variant(ctx: BenchContext, lora_r: int, seq_len: int) -> dict[str, A
     import dataclasses
 
     from bench.zero_worker import model_state_bytes
-    from rlhf_overopt.engines import ds_config, enable_gradient_checkpointing, lora_policy, train_engine
-    from rlhf_overopt.models import load_causal_lm
+    from rlhf_overopt.run.engines import ds_config, enable_gradient_checkpointing, lora_policy, train_engine
+    from rlhf_overopt.run.models import load_causal_lm
     from rlhf_overopt.values import ValueModel
 
     cfg = ctx.config
@@ -131,7 +131,7 @@ def rows_for(full: dict[str, Any], lora: dict[str, Any], lora_r: int) -> list[Ro
 
 
 def run(ctx: BenchContext) -> list[Row]:
-    from rlhf_overopt.engines import ensure_process_group
+    from rlhf_overopt.run.engines import ensure_process_group
 
     ensure_process_group(torch.device("cpu"))
     lora_r = ctx.config.policy.lora_r or LORA_R

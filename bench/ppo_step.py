@@ -78,10 +78,10 @@ def proxy_ensemble(cfg, testbed, tokenizer) -> tuple[Any, str]:
     Training the ensemble here would cost minutes; scoring cost depends on the architecture, not
     on the weights, so an untrained stand-in gives the same time (its scores are meaningless).
     """
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.members import SeparateMembers
-    from rlhf_overopt.models import context_length, reward_model_from_pretrained
-    from rlhf_overopt.reward_cache import ensemble_dir
+    from rlhf_overopt.rewards.cache import ensemble_dir
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.rewards.members import SeparateMembers
+    from rlhf_overopt.run.models import context_length, reward_model_from_pretrained
 
     root = ensemble_dir(cfg, testbed)
     if (root / "ensemble.json").exists():
@@ -114,8 +114,8 @@ class Models:
 
 
 def build_models(cfg, testbed) -> Models:
-    from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, train_engine
-    from rlhf_overopt.gold import GoldScorer
+    from rlhf_overopt.rewards.gold import GoldScorer
+    from rlhf_overopt.run.engines import ds_config, ensure_process_group, frozen_model, train_engine
     from rlhf_overopt.values import ValueModel
 
     p = cfg.ppo
@@ -149,13 +149,13 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def measure_phases(cfg, models: Models, testbed, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds of every phase, and the rollout facts the FLOP count needs."""
-    from rlhf_overopt.advantages import gae, token_rewards
-    from rlhf_overopt.aggregate import aggregator
-    from rlhf_overopt.dist import global_whiten
     from rlhf_overopt.evaluate import evaluate_policy, score_proxies
-    from rlhf_overopt.kl import kl_penalty_per_token
+    from rlhf_overopt.ops.advantages import gae, token_rewards
+    from rlhf_overopt.ops.aggregate import aggregator
+    from rlhf_overopt.ops.kl import kl_penalty_per_token
     from rlhf_overopt.rollout import generate, sequence_logprobs
-    from rlhf_overopt.seeds import eval_generator, step_generator
+    from rlhf_overopt.run.dist import global_whiten
+    from rlhf_overopt.run.seeds import eval_generator, step_generator
     from rlhf_overopt.update import ppo_update
     from rlhf_overopt.values import response_values
 

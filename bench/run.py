@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. setup
     import torch
 
-    from rlhf_overopt.config import load_config
-    from rlhf_overopt.testbed import build_testbed
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.testbed.build import build_testbed
 
     config_path = ROOT / "configs" / ("tiny" if args.tiny else "") / "ppo_ensemble.yaml"
     overrides = [f"testbed.cache_dir={args.cache_dir}"] if args.cache_dir else []

@@ -72,14 +72,14 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhf_overopt.engines import (
+from rlhf_overopt.rollout import generate
+from rlhf_overopt.run.engines import (
     ds_config,
     ensure_process_group,
     gathered,
     local_parameter_count,
     train_engine,
 )
-from rlhf_overopt.rollout import generate
 from rlhf_overopt.testbed.build import Testbed
 
 DEEPSPEED_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "stage3_prefetch_bucket_size": 50_000_000,

@@ -64,7 +64,7 @@ from launch.supervisor import (  # the local runner's lock test and outcome rule
     refresh_action,
     try_lock,
 )
-from rlhf_overopt.config import ConfigError
+from rlhf_overopt.errors import ConfigError
 
 log = logging.getLogger("launch.executor")
 

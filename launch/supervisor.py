@@ -56,8 +56,8 @@ from launch.sweep_plan import (
     sweep_dir,
     wandb_sweep_spec,
 )
-from rlhf_overopt.config import ConfigError
-from rlhf_overopt.runs import atomic_write_json, file_lock, read_jsonl
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.run.directory import atomic_write_json, file_lock, read_jsonl
 
 # The planning API of launch/sweep_plan.py plus this module's runner, state and progress view.
 __all__ = [

@@ -41,8 +41,10 @@ from typing import Any
 
 import yaml
 
-from rlhf_overopt.config import Config, ConfigError, load_config, parse_override
-from rlhf_overopt.runs import check_run_dir
+from rlhf_overopt.config.experiment import Config
+from rlhf_overopt.config.load import load_config, parse_override
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.run.directory import check_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"

@@ -3,7 +3,7 @@
     python launch/train.py --config configs/bon_ensemble.yaml [key.sub=value ...]
     deepspeed --num_gpus 2 launch/train.py --config configs/ppo_ensemble.yaml [key.sub=value ...]
 
-The config's `method` picks its driver from the method table (rlhf_overopt.config.METHODS; one
+The config's `method` picks its driver from the method table (rlhf_overopt.config.methods.METHODS; one
 module in rlhf_overopt/loops/ per driver). Configuration problems exit with status 2 and one line
 naming the key, before any work and before a run directory is created. After a completed run,
 rank 0 draws the report (<run>/report/) from the run directory, as any reader of it would.
@@ -25,8 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf_overopt.config import METHODS, ConfigError, check_world_size, field_docs, load_config  # noqa: E402
-from rlhf_overopt.errors import InputError  # noqa: E402
+from rlhf_overopt.config.experiment import field_docs
+from rlhf_overopt.config.load import load_config  # noqa: E402
+from rlhf_overopt.config.methods import METHODS
+from rlhf_overopt.config.validate import check_world_size
+from rlhf_overopt.errors import (
+    ConfigError,
+    InputError,  # noqa: E402
+)
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -100,28 +106,28 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_world_size(cfg, world)
         if args.check:
-            from rlhf_overopt.preflight import describe, stand_in_map
+            from rlhf_overopt.run.preflight import describe, stand_in_map
 
             print(describe(cfg, world, stand_in_map(args.stand_in)))
             return 0
         if importlib.util.find_spec(f"rlhf_overopt.loops.{METHODS[cfg.method].driver}") is None:
             raise ConfigError(f"method: {cfg.method!r} is not built yet")
         if METHODS[cfg.method].rollouts:
-            from rlhf_overopt.plan import make_plan
+            from rlhf_overopt.config.plan import make_plan
 
             make_plan(cfg, world)  # every derived size divides exactly, or one line before any work
-        from rlhf_overopt.runs import check_run_dir
+        from rlhf_overopt.run.directory import check_run_dir
 
         # Rank 0 alone inspects the run directory (the others would race with its creation);
         # its verdict is broadcast once the process group exists.
         state = check_run_dir(cfg) if int(os.environ.get("RANK", "0")) == 0 else "pending"
         if state != "completed":
             # bad models or prompt data cost seconds here, not a proxy training later
-            from rlhf_overopt.preflight import check_sources
+            from rlhf_overopt.run.preflight import check_sources
 
             check_sources(cfg)
             if "data" in METHODS[cfg.method].sections:
-                from rlhf_overopt.data import check_prompts
+                from rlhf_overopt.data.prompts import check_prompts
 
                 check_prompts(cfg)
     except ConfigError as exc:
@@ -140,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         if "WORLD_SIZE" not in os.environ:
             return 0  # under a launcher every rank still joins the process group, then stops
 
-    from rlhf_overopt.lifecycle import execute
+    from rlhf_overopt.run.lifecycle import execute
 
     status = execute(cfg, state, driver_for, argv=[sys.argv[0], *argv])
     if status == 0 and state != "completed" and int(os.environ.get("RANK", "0")) == 0:
         write_report(cfg.run_dir, cfg.method)
-    from rlhf_overopt import dist
+    from rlhf_overopt.run import dist
 
     dist.shutdown()
     return status

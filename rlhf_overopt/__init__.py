@@ -2,29 +2,37 @@
 
 A policy is optimized against proxy reward models (an ensemble of K, combined by an aggregation
 rule) and scored by a gold reward it never optimizes; gold and proxy are drawn against
-d = sqrt(KL(pi || pi_init)). The pipeline, with the module that owns each stage:
+d = sqrt(KL(pi || pi_init)). The folders are the pipeline's stages; each folder's docstring maps
+its modules.
 
-    config.py sections.py plan.py      one YAML -> typed, self-checking sections; the method table;
-                                       derived sizes computed once (plan)
-    testbed/ data.py                   the world: tokenizer, SFT policy, prompts, gold-labelled pairs
-    rm_training.py members.py          proxies: Bradley-Terry training of K members of one kind
-    ensemble.py reward_cache.py        the ensemble (scoring, standardization, failed members, save/load),
-                                       trained once into a content-hashed cache
-    components.py                      component rewards (composite methods), proxy points
+    config/      one YAML -> typed, self-checking sections; the ONE method table; loading,
+                 validation, the plan of derived sizes
+    data/        the worlds' data: prompts, preference pairs (one schema), gold labelling, the
+                 best-of-n pool sampled from the initial policy
+    rewards/     proxies (ensemble, member kinds, Bradley-Terry training, the load-or-train cache),
+                 gold, component rewards, MADPO margins, reward functions for TRL trainers
+    ops/         pure torch math: losses, advantages, kl, masking, aggregate, bon, constrained,
+                 shaping, scaling fits, weight averaging, signals (imports nothing else of the project)
+    run/         what every run stands on: run directory, lifecycle, ranks, seeds, models,
+                 DeepSpeed engines, checkpoints, tracking, progress, --check
+    testbed/     the embedded offline world: corpus, tokenizer, SFT policy, rule gold, prompts, pairs
+    loops/       one readable driver per method, numbered stages; reached only through the method
+                 table (launch/train.py), and no driver imports another
+
+The stages of one RL iteration, in the order a driver calls them:
 
     prompts ──▶ rollout ──▶ proxy ensemble ──▶ aggregate ──▶ advantages ──▶ update ──▶ gold eval ──▶ curves
-    seeds.py   rollout.py   ensemble.py       aggregate.py  advantages.py  update.py  evaluate.py   runs.py
-               (values.py)  gold.py                         (streams.py)   losses.py  (EvalPoint)   (curves.jsonl)
-                                                            kl.py          engines.py
+    data/       rollout.py  rewards/ensemble   ops/          ops/           update.py  evaluate.py  run/directory
+                values.py   rewards/gold                     streams.py
+                references.py
 
-    pool.py bon.py                     best-of-n: one scored pool, every n and aggregator (selection
-                                       replaces the update)
-    preferences.py margins.py          DPO / IPO / SLiC / MADPO data, pair batches, MADPO margins
-    constrained.py                     Lagrange multipliers, Nelder-Mead helpers, hypervolume, weights
-    checkpoints.py lifecycle.py        exact resume; the run lifecycle around a driver
-    dist.py engines.py                 ranks, cross-rank math, DeepSpeed engines (policy, value, reference)
-    tracking.py trl_rewards.py         W&B (offline by default); ensemble/component rewards for TRL trainers
-
-    loops/<method>.py                  one readable driver per method, numbered stages, calling the above;
-                                       nothing outside loops/ imports a driver, and no driver imports another
+    records.py       the typed records passed between stages (PromptBatch, Rollout)
+    rollout.py       sample responses from a policy; per-token log-probs
+    values.py        the value model of PPO-style methods (S scalar heads)
+    references.py    PAR's reference responses per prompt (reward shaping by reference)
+    streams.py       the experience stage of the composite methods (one reward stream per component)
+    update.py        optimizer steps of the trained engines on one batch of experience
+    evaluate.py      the gold evaluation: one evaluator -> one typed evaluation record -> curves.jsonl
+    pool.py          best-of-n over one scored pool: every n and objective (selection replaces the update)
+    errors.py        errors that end a run with exit status 2 and one line naming the problem
 """

@@ -8,7 +8,7 @@
       ─▶ [aggregate.shaping=par: proxy_shaped (B,) against the prompt's cached references]
       ─▶ gather every rank's per-sample numbers ─▶ EvalPoint ─▶ EvalLog: curves.jsonl, samples, W&B
 
-Every row carries the overoptimization signals (rlhf_overopt.signals), computed on the gathered
+Every row carries the overoptimization signals (rlhf_overopt.ops.signals), computed on the gathered
 samples of all ranks: proxy_member_std (ensemble disagreement), proxy_gold_spearman (does the
 proxy still rank the policy's samples as gold does) and response_length.
 
@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist
-from rlhf_overopt.engines import gathered
 from rlhf_overopt.errors import check_finite
-from rlhf_overopt.kl import sequence_kl
+from rlhf_overopt.ops.kl import sequence_kl
+from rlhf_overopt.ops.shaping import par_reward
+from rlhf_overopt.ops.signals import member_std, spearman
 from rlhf_overopt.rollout import generate, sequence_logprobs
-from rlhf_overopt.shaping import par_reward
-from rlhf_overopt.signals import member_std, spearman
+from rlhf_overopt.run import dist
+from rlhf_overopt.run.engines import gathered
 
 log = logging.getLogger("rlhf_overopt")
 
@@ -109,7 +109,7 @@ def evaluate_policy(*, policy, reference, tokenizer, prompts: list[str], gold, e
     """Evaluate on this rank's `prompts`; returns (EvalPoint, samples), identical on every rank.
 
     Proxies: an `ensemble` with its `aggregate_fn` (K, B) -> (B,), or the composite methods'
-    `components` (rlhf_overopt.components.ComponentRewards, each ensemble aggregated by
+    `components` (rlhf_overopt.rewards.components.ComponentRewards, each ensemble aggregated by
     `agg_cfg`) with the current `component_weights`. `ev` is the eval config section.
     shaping_references: (B, k) aggregated scores of the PAR references of these `prompts`
     (aggregate.shaping=par, ensemble runs only), for `proxy_shaped`.
@@ -138,7 +138,7 @@ def evaluate_policy(*, policy, reference, tokenizer, prompts: list[str], gold, e
         parts = gold.components(ro.prompts, ro.responses, ended)
         # a model gold has no terms to split: its component columns are left out of the row
         has_terms = all(t in parts for g in components.terms for t in g.split("+"))
-        from rlhf_overopt.components import component_values
+        from rlhf_overopt.rewards.components import component_values
 
         gold_parts = (component_values(parts, components.terms) if has_terms
                       else torch.zeros(components.n, len(ro)))

@@ -1,5 +1,5 @@
 """The best-of-n stage over one scored pool: which n and which objectives to curve, and the
-curves.jsonl rows of every (objective, n) from the unbiased estimator (rlhf_overopt.bon), plus
+curves.jsonl rows of every (objective, n) from the unbiased estimator (rlhf_overopt.ops.bon), plus
 the regularized (rbon_kl) and soft best-of-n selectors on the same pool.
 
 The pool holds N samples per prompt, scored once by every proxy member (K, P, N) and by gold
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt.aggregate import aggregate
-from rlhf_overopt.bon import bon_expected, bon_kl, expected_under, kl_pool, merged_kl, soft_bon_probs
+from rlhf_overopt.ops.aggregate import aggregate
+from rlhf_overopt.ops.bon import bon_expected, bon_kl, expected_under, kl_pool, merged_kl, soft_bon_probs
 
 
 def n_grid(pool_size: int, configured: list[int] = ()) -> list[int]:
@@ -209,7 +209,7 @@ def text_ref_logprobs(policy, tokenizer, prompts: list[str], responses: list[str
     out = []
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from rlhf_overopt.progress import bar
+        from rlhf_overopt.run.progress import bar
 
         starts = bar(starts, desc=progress, unit="batch")
     try:
@@ -260,8 +260,8 @@ def read_scored_pool(source: str, pool_size: int, n_prompts: int) -> dict[str, A
     least `pool_size` samples are kept, their first `pool_size` samples each. Raises InputError
     naming the missing column, or how many prompts have a full pool.
     """
+    from rlhf_overopt.data.preferences import PreferenceDataError, read_preference_source
     from rlhf_overopt.errors import InputError
-    from rlhf_overopt.preferences import PreferenceDataError, read_preference_source
 
     try:  # the one reader of local files, saved folders and hub names (a file's type, rows, splits checked there)
         data, _ = read_preference_source(source)

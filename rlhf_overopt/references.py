@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.engines import gathered
 from rlhf_overopt.errors import InputError, check_finite
 from rlhf_overopt.rollout import generate
-from rlhf_overopt.runs import atomic_write_json
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.directory import atomic_write_json
+from rlhf_overopt.run.engines import gathered
 
 log = logging.getLogger("rlhf_overopt")
 

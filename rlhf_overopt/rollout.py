@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rlhf_overopt.masking import has_eos, position_ids_from_mask, response_mask_after_eos
+from rlhf_overopt.ops.masking import has_eos, position_ids_from_mask, response_mask_after_eos
 from rlhf_overopt.records import PromptBatch, Rollout
 
 
@@ -241,7 +241,7 @@ def generate(
         chunks: list[Rollout] = []
         starts = range(0, n, step)
         if progress:
-            from rlhf_overopt.progress import bar
+            from rlhf_overopt.run.progress import bar
 
             starts = bar(starts, desc=progress, unit="batch")
         for start in starts:

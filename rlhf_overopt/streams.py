@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.advantages import gae, stream_token_rewards
-from rlhf_overopt.constrained import stream_returns
-from rlhf_overopt.engines import gathered
 from rlhf_overopt.errors import InputError
-from rlhf_overopt.kl import kl_penalty_per_token
+from rlhf_overopt.ops.advantages import gae, stream_token_rewards
+from rlhf_overopt.ops.constrained import stream_returns
+from rlhf_overopt.ops.kl import kl_penalty_per_token
 from rlhf_overopt.records import Rollout
 from rlhf_overopt.rollout import generate, sequence_logprobs
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.engines import gathered
 from rlhf_overopt.values import response_values
 
 
@@ -128,11 +128,11 @@ class CompositeModels:
     """What a composite driver trains and scores with (built once by `build_composite`)."""
 
     tokenizer: Any
-    components: Any  # rlhf_overopt.components.ComponentRewards
+    components: Any  # rlhf_overopt.rewards.components.ComponentRewards
     gold: Any
     train_prompts: list[str]
     eval_share: list[str]
-    actors: Any  # rlhf_overopt.engines.Actors, value model with S = N + 1 heads
+    actors: Any  # rlhf_overopt.run.engines.Actors, value model with S = N + 1 heads
 
 
 def build_composite(cfg, testbed, info, run, plan) -> CompositeModels:
@@ -140,11 +140,11 @@ def build_composite(cfg, testbed, info, run, plan) -> CompositeModels:
     S-head value engines, the frozen reference."""
     import logging
 
-    from rlhf_overopt.data import load_prompts, policy_path
-    from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group
-    from rlhf_overopt.gold import GoldScorer
-    from rlhf_overopt.models import load_tokenizer
-    from rlhf_overopt.reward_cache import ensure_components
+    from rlhf_overopt.data.prompts import load_prompts, policy_path
+    from rlhf_overopt.rewards.cache import ensure_components
+    from rlhf_overopt.rewards.gold import GoldScorer
+    from rlhf_overopt.run.engines import build_actors, check_policy_dtype, ensure_process_group
+    from rlhf_overopt.run.models import load_tokenizer
 
     ensure_process_group(info.device)
     check_policy_dtype(cfg, info.device)  # before components train

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist
-from rlhf_overopt.engines import checked_step
 from rlhf_overopt.errors import check_finite
-from rlhf_overopt.kl import kl_penalty_per_token
-from rlhf_overopt.losses import clipped_surrogate, normalize_token_loss, ppo_value_loss, preference_loss
-from rlhf_overopt.masking import masked_mean
+from rlhf_overopt.ops.kl import kl_penalty_per_token
+from rlhf_overopt.ops.losses import clipped_surrogate, normalize_token_loss, ppo_value_loss, preference_loss
+from rlhf_overopt.ops.masking import masked_mean
 from rlhf_overopt.records import Rollout
 from rlhf_overopt.rollout import sequence_logprobs
+from rlhf_overopt.run import dist
+from rlhf_overopt.run.engines import checked_step
 from rlhf_overopt.values import response_values
 
 

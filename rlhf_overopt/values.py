@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from rlhf_overopt.masking import position_ids_from_mask
+from rlhf_overopt.ops.masking import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -59,7 +59,7 @@ class ValueModel(nn.Module):
         `AutoModel.from_pretrained` (e.g. dtype)."""
         from transformers import AutoModel
 
-        from rlhf_overopt.models import fit_embeddings
+        from rlhf_overopt.run.models import fit_embeddings
 
         backbone = AutoModel.from_pretrained(path, **kwargs)
         if tokenizer is not None:

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # `launch` (the sweep supervisor) is a folder of 
 # checkout, or at one that no longer exists).
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
-from rlhf_overopt.config import TestbedConfig  # after the path set-up above
+from rlhf_overopt.config.sections import TestbedConfig  # after the path set-up above
 
 TINY_TESTBED_YAML = ROOT / "configs" / "tiny" / "build_testbed.yaml"
 

@@ -29,7 +29,7 @@ def corpus(n: int = 300, seed: int = 0) -> list[str]:
 def bpe_tokenizer(out: Path, *, vocab_size: int, eos: str, pad: str | None, bos: str | None = None,
                   seed: int = 0):
     """A byte-level BPE tokenizer trained on the word list, saved to `out` (save_pretrained)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [t for t in (eos, pad, bos) if t]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf_overopt.advantages import gae
+from rlhf_overopt.ops.advantages import gae
 
 
 def gae_naive(
@@ -109,7 +109,7 @@ def test_gae_ignores_garbage_after_eos():
 # -- GRPO / Dr. GRPO / RLOO advantages and the per-token reward, worked by hand ----------------
 
 def test_group_advantages_hand():
-    from rlhf_overopt.advantages import group_advantages
+    from rlhf_overopt.ops.advantages import group_advantages
 
     # group 1: rewards 1, 2, 3 -> mean 2, sample std 1 -> (-1, 0, 1) / (1 + eps)
     # group 2: rewards 5, 5, 5 -> all equal -> 0 (no learning signal)
@@ -124,7 +124,7 @@ def test_group_advantages_hand():
 
 
 def test_leave_one_out_advantages_hand():
-    from rlhf_overopt.advantages import leave_one_out_advantages
+    from rlhf_overopt.ops.advantages import leave_one_out_advantages
 
     # rewards 1, 2, 6 (one group of 3): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
     got = leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3)
@@ -137,7 +137,7 @@ def test_leave_one_out_advantages_hand():
 
 
 def test_group_advantages_reject_partial_groups():
-    from rlhf_overopt.advantages import group_advantages, leave_one_out_advantages
+    from rlhf_overopt.ops.advantages import group_advantages, leave_one_out_advantages
 
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
@@ -146,7 +146,7 @@ def test_group_advantages_reject_partial_groups():
 
 
 def test_token_rewards_hand():
-    from rlhf_overopt.advantages import stream_token_rewards, token_rewards
+    from rlhf_overopt.ops.advantages import stream_token_rewards, token_rewards
 
     # two responses of 3 and 2 tokens; KL per token k, beta 0.5; scores 1 and -2 at the last token
     kl = torch.tensor([[0.2, 0.4, 0.6], [1.0, -0.2, 0.0]])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_overopt.aggregate import (
+from rlhf_overopt.ops.aggregate import (
     AGGREGATOR_NAMES,
     aggregate,
     aggregator,

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.masking import response_mask_after_eos
-from rlhf_overopt.models import (
+from rlhf_overopt.ops.masking import response_mask_after_eos
+from rlhf_overopt.rollout import cache_argument, generate, sequence_logprobs, tokenize_prompts
+from rlhf_overopt.run.models import (
     PAD_TOKEN,
     check_vocabulary,
     left_pad,
@@ -30,7 +31,6 @@ from rlhf_overopt.models import (
     reward_model_from_pretrained,
     reward_scores,
 )
-from rlhf_overopt.rollout import cache_argument, generate, sequence_logprobs, tokenize_prompts
 from rlhf_overopt.values import ValueModel, response_values
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -214,14 +214,14 @@ def test_a_policy_without_pad_gets_one_and_every_model_grows_to_fit(arch, tmp_pa
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_overopt.engines import load_policy_model
+    from rlhf_overopt.run.engines import load_policy_model
 
     raw = AutoTokenizer.from_pretrained(no_pad_tokenizer_dir)
     assert raw.pad_token is None
     raw.save_pretrained(tmp_path)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config(arch, len(raw), raw.eos_token_id)).save_pretrained(tmp_path)
-    with caplog.at_level(logging.INFO, logger="rlhf_overopt.models"):
+    with caplog.at_level(logging.INFO, logger="rlhf_overopt.run.models"):
         tokenizer = load_tokenizer(tmp_path)
         load_tokenizer(tmp_path)
     assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id == len(raw)
@@ -263,8 +263,8 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 import test_architectures as ta
 from transformers import AutoModelForCausalLM
-from rlhf_overopt.engines import ds_config, ensure_process_group, frozen_model, gathered, train_engine
-from rlhf_overopt.models import load_tokenizer
+from rlhf_overopt.run.engines import ds_config, ensure_process_group, frozen_model, gathered, train_engine
+from rlhf_overopt.run.models import load_tokenizer
 from rlhf_overopt.rollout import generate, sequence_logprobs
 
 torch.set_num_threads(1)
@@ -308,7 +308,7 @@ def test_zero3_gathered_generation_and_partitioned_forward(tokenizer_dir):
 def test_a_mismatched_vocabulary_is_not_grown_away(world, tmp_path):
     """Only the added pad's row is grown: a model short of other tokens keeps its size, and
     check_vocabulary still names the mismatch."""
-    from rlhf_overopt.models import fit_embeddings
+    from rlhf_overopt.run.models import fit_embeddings
 
     arch, root, tokenizer, _ = world
     model = load_causal_lm(root)

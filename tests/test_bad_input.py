@@ -45,7 +45,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 def existing_run(tmp_path):
     """A completed run directory that no failing command may touch."""
     cfg = TRAIN.load_config(TINY_BON, [f"output_dir={tmp_path / 'done'}"])
-    from rlhf_overopt.config import dump_yaml
+    from rlhf_overopt.config.experiment import dump_yaml
 
     root = tmp_path / "done"
     root.mkdir()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.config import load_config
+from rlhf_overopt.config.load import load_config
 from rlhf_overopt.pool import aggregator_names, bon_curve_rows, n_grid
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
 def test_proxies_on_a_subset_of_the_pairs(tiny_testbed, tmp_path):
     """proxy.train_pairs trains on the first pairs of the train split, in its own cache folder;
     0 (all pairs) keeps the cache key of ensembles trained before the option existed."""
-    from rlhf_overopt.reward_cache import proxy_cache_dir
+    from rlhf_overopt.rewards.cache import proxy_cache_dir
 
     base = load_config(ROOT / "configs/tiny/train_rm.yaml", [f"testbed.cache_dir={tiny_testbed.root.parent}"])
     subset = load_config(ROOT / "configs/tiny/train_rm.yaml",

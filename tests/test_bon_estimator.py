@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rlhf_overopt.bon import (
+from rlhf_overopt.ops.bon import (
     bon_coefficient_matrix,
     bon_coefficients,
     bon_expected,

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.bon import (
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.ops.bon import (
     bon_expected,
     bon_kl,
     bon_selection_probs,
@@ -23,10 +25,8 @@ from rlhf_overopt.bon import (
     merged_kl,
     soft_bon_probs,
 )
-from rlhf_overopt.config import load_config
-from rlhf_overopt.errors import ConfigError
 from rlhf_overopt.pool import bon_curve_rows, response_identity
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_overopt.config import Config, ConfigError, dump_yaml, field_docs, load_config
-from rlhf_overopt.runs import check_run_dir
+from rlhf_overopt.config.experiment import Config, dump_yaml, field_docs
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.run.directory import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +167,7 @@ def test_shipped_configs_load():
 
 
 def test_batch_must_split_over_ranks(tmp_path):
-    from rlhf_overopt.config import check_world_size
+    from rlhf_overopt.config.validate import check_world_size
 
     cfg = load_config(write(tmp_path, "method: ppo\nppo:\n  batch_size: 6\n  mini_batch_size: 3\neval:\n  n_prompts: 12\n"))
     check_world_size(cfg, 1)
@@ -226,7 +228,7 @@ def test_more_steps_on_resume_refused_under_a_decaying_learning_rate(tmp_path):
 
 
 def test_method_table_drives_the_method_choices(tmp_path):
-    from rlhf_overopt.config import COMPOSITE_METHODS, METHODS
+    from rlhf_overopt.config.methods import COMPOSITE_METHODS, METHODS
 
     needs = {"constrained": ["constrained.thresholds=[0.5, 0.5]"], "grpo": ["ppo.kl_coef=0"]}
     for name in METHODS:
@@ -250,7 +252,7 @@ def test_method_table_drives_the_method_choices(tmp_path):
 
 def test_analysis_reads_the_composite_methods_from_the_table():
     import analysis.composite
-    from rlhf_overopt.config import COMPOSITE_METHODS
+    from rlhf_overopt.config.methods import COMPOSITE_METHODS
 
     assert analysis.composite.COMPOSITE_METHODS is COMPOSITE_METHODS
 
@@ -299,7 +301,7 @@ def test_ppo_is_not_bound_by_grpo_rules():
 
 
 def test_grpo_groups_must_not_straddle_ranks():
-    from rlhf_overopt.config import check_world_size
+    from rlhf_overopt.config.validate import check_world_size
 
     cfg = load_config(None, [*GRPO, "ppo.batch_size=8", "ppo.mini_batch_size=4", "grpo.group_size=4",
                              "eval.n_prompts=8"], check_paths=False)

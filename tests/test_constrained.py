@@ -17,8 +17,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf_overopt.components import component_preferences, component_values
-from rlhf_overopt.constrained import (
+from rlhf_overopt.ops.constrained import (
     combine_streams,
     gradient_weight_update,
     hypervolume,
@@ -34,7 +33,8 @@ from rlhf_overopt.constrained import (
     squash_multipliers,
     stream_returns,
 )
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.rewards.components import component_preferences, component_values
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -84,7 +84,7 @@ def test_multiplier_loss_gradient_by_hand():
 
 
 def test_violated_inequality_grows_its_multiplier_and_slack_one_shrinks():
-    from rlhf_overopt.constrained import Multipliers
+    from rlhf_overopt.ops.constrained import Multipliers
 
     m = Multipliers(2, "inequality", [1.0, 0.0], init=0.0, lr=0.1, momentum=0.1, grad_clip=0.5)
     values = torch.tensor([0.2, 0.8])  # component 0 below its threshold, component 1 above
@@ -105,7 +105,7 @@ def test_violated_inequality_grows_its_multiplier_and_slack_one_shrinks():
 
 
 def test_multiplier_step_is_clipped():
-    from rlhf_overopt.constrained import Multipliers
+    from rlhf_overopt.ops.constrained import Multipliers
 
     m = Multipliers(1, "inequality", [100.0], init=0.0, lr=1.0, momentum=0.0, grad_clip=0.5)
     m.step(torch.tensor([0.0]))  # gradient 0.25 * -100 = -25, clipped to norm 0.5
@@ -113,7 +113,7 @@ def test_multiplier_step_is_clipped():
 
 
 def test_equality_overshoot_turns_the_weight_negative():
-    from rlhf_overopt.constrained import Multipliers
+    from rlhf_overopt.ops.constrained import Multipliers
 
     m = Multipliers(1, "equality", [0.0], init=0.0, lr=0.1, momentum=0.1, grad_clip=0.5)
     for _ in range(5):
@@ -208,7 +208,7 @@ def test_quadratic_peak():
 
 
 def test_fit_proxy_point_recovers_the_vertex():
-    from rlhf_overopt.components import fit_proxy_point
+    from rlhf_overopt.rewards.components import fit_proxy_point
 
     xs = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     fit = fit_proxy_point(xs, [0.3 + 1.2 * x - 0.4 * x * x for x in xs])  # vertex at 1.5
@@ -252,8 +252,9 @@ def test_component_cache_key_ignores_train_pairs_at_its_default():
     is the old formula's); a subset of the pairs gets a folder of its own."""
     import hashlib
 
-    from rlhf_overopt.config import load_config, to_dict
-    from rlhf_overopt.reward_cache import COMPONENTS_CACHE_VERSION, components_cache_dir
+    from rlhf_overopt.config.experiment import to_dict
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.rewards.cache import COMPONENTS_CACHE_VERSION, components_cache_dir
 
     class FakeTestbed:
         root = Path("/cache/testbed-0123")
@@ -273,7 +274,8 @@ def test_component_cache_key_ignores_train_pairs_at_its_default():
 
 
 def test_configs_load_and_reject_bad_combinations():
-    from rlhf_overopt.config import ConfigError, load_config
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.errors import ConfigError
 
     for name in CONFIGS:
         over = ["constrained.thresholds=[0.5, 0.5]"] if name == "constrained_ppo" else []

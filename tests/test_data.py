@@ -1,4 +1,4 @@
-"""Prompts from any dataset (rlhf_overopt.data): every format loads, templates follow AlpacaFarm,
+"""Prompts from any dataset (rlhf_overopt.data.prompts): every format loads, templates follow AlpacaFarm,
 chat templates apply, the held-out eval split is seeded, sharding partitions, the testbed path is
 unchanged, and every bad input is one line naming the problem."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overopt.config import load_config
-from rlhf_overopt.data import check_prompts, load_prompts
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.data.prompts import check_prompts, load_prompts
 from rlhf_overopt.errors import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,8 +258,8 @@ def test_config_errors_on_paths_and_testbed_keys(tmp_path):
 def test_testbed_prompt_files_through_the_general_path_equal_the_testbed_path(tiny_testbed):
     """data.prompts = the testbed's own prompts folder (a DatasetDict on disk) reads exactly the
     prompts the testbed path reads: the two worlds share one code path for prompts."""
-    from rlhf_overopt.config import load_config
-    from rlhf_overopt.data import load_prompts
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.data.prompts import load_prompts
 
     base = ["eval.n_prompts=16", f"testbed.cache_dir={tiny_testbed.root.parent}"]
     testbed_cfg = load_config(None, base, check_paths=False)

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.aggregate import aggregate
-from rlhf_overopt.config import load_config
-from rlhf_overopt.losses import madpo_weights, preference_loss
-from rlhf_overopt.margins import margin_weights
-from rlhf_overopt.plan import preference_schedule as schedule
-from rlhf_overopt.preferences import (
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.config.plan import preference_schedule as schedule
+from rlhf_overopt.data.preferences import (
     PreferenceDataError,
     collate_pairs,
     corpus_tier,
@@ -25,8 +22,11 @@ from rlhf_overopt.preferences import (
     load_preference_dataset,
     tokenize_pairs,
 )
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
-from rlhf_overopt.seeds import batch_indices
+from rlhf_overopt.ops.aggregate import aggregate
+from rlhf_overopt.ops.losses import madpo_weights, preference_loss
+from rlhf_overopt.rewards.margins import margin_weights
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.run.seeds import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""ZeRO-3 sizing rules of rlhf_overopt.engines (the engines themselves run in the 2-rank tests)."""
+"""ZeRO-3 sizing rules of rlhf_overopt.run.engines (the engines themselves run in the 2-rank tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf_overopt.engines import ds_config, offloads_optimizer, sized_for
+from rlhf_overopt.run.engines import ds_config, offloads_optimizer, sized_for
 
 
 def model(h: int):
@@ -36,7 +36,7 @@ def test_user_settings_and_other_stages_are_kept(tmp_path):
 CHECKED_STEP_SCRIPT = """
 import sys, torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from rlhf_overopt.engines import checked_step, ds_config, ensure_process_group, train_engine
+from rlhf_overopt.run.engines import checked_step, ds_config, ensure_process_group, train_engine
 from rlhf_overopt.errors import NonFiniteError
 
 stage = int(sys.argv[1])
@@ -62,7 +62,7 @@ except NonFiniteError as exc:
     print("ERROR:", exc)
 assert all(torch.equal(a, b.detach()) for a, b in zip(stepped, engine.module.parameters())), "weights changed"
 print("WEIGHTS KEPT")
-from rlhf_overopt import dist
+from rlhf_overopt.run import dist
 dist.shutdown()  # left to interpreter exit, the process group's threads have aborted a finished script
 """
 
@@ -116,8 +116,8 @@ def minibatch(seed: int = 1):
 def ppo_policy_gradients(model) -> dict[str, torch.Tensor]:
     """Gradients of one PPO minibatch's clipped policy loss (old log-probs perturbed so the
     ratio differs from 1 and some tokens clip)."""
-    from rlhf_overopt.losses import clipped_surrogate
-    from rlhf_overopt.masking import masked_mean
+    from rlhf_overopt.ops.losses import clipped_surrogate
+    from rlhf_overopt.ops.masking import masked_mean
     from rlhf_overopt.rollout import sequence_logprobs
 
     q, qm, r, rm, adv = minibatch()
@@ -137,7 +137,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
     returns its KV cache when asked (generation passes use_cache=True)."""
     import copy
 
-    from rlhf_overopt.engines import enable_gradient_checkpointing
+    from rlhf_overopt.run.engines import enable_gradient_checkpointing
     from rlhf_overopt.values import ValueModel, response_values
 
     plain = tiny_causal_lm(kind)
@@ -181,8 +181,8 @@ def test_lora_reference_is_the_base_model_exactly(kind, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from rlhf_overopt.engines import AdapterDisabledReference, lora_policy, savable
     from rlhf_overopt.rollout import sequence_logprobs
+    from rlhf_overopt.run.engines import AdapterDisabledReference, lora_policy, savable
 
     base = tiny_causal_lm(kind).eval()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -244,9 +244,9 @@ def test_offload_json_keeps_its_entries_and_our_stage(name, stage):
 
 
 def test_bf16_policy_refused_on_cpu_and_sections_on_cuda():
-    from rlhf_overopt.config import load_config
-    from rlhf_overopt.engines import check_policy_dtype
+    from rlhf_overopt.config.load import load_config
     from rlhf_overopt.errors import ConfigError, InputError
+    from rlhf_overopt.run.engines import check_policy_dtype
 
     cfg = ds_config(zero_stage=2, micro_batch_per_rank=2, world_size=1, max_grad_norm=1.0, dtype="bfloat16")
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
@@ -261,7 +261,7 @@ def test_bf16_policy_refused_on_cpu_and_sections_on_cuda():
 
 
 def test_lora_config_rules():
-    from rlhf_overopt.config import load_config
+    from rlhf_overopt.config.load import load_config
     from rlhf_overopt.errors import ConfigError
 
     tiny = "configs/tiny/ppo_ensemble.yaml"

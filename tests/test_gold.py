@@ -3,12 +3,12 @@ with a Hugging Face sequence-classification checkpoint."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from rlhf_overopt.config import TestbedConfig, load_config
-from rlhf_overopt.gold import GoldScorer
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.config.sections import TestbedConfig
+from rlhf_overopt.rewards.gold import GoldScorer
 from rlhf_overopt.testbed.gold import TestbedGold, distinct_bigram_ratio, words
 
 

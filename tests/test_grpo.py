@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("time_generate_s", "time_update_s", "time_step_s")

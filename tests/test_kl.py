@@ -3,12 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_overopt.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_penalty_per_token,
-    sequence_kl,
-)
+from rlhf_overopt.ops.kl import AdaptiveKLController, FixedKLController, kl_penalty_per_token, sequence_kl
 
 # r = logprobs - ref_logprobs = [-1, 0, 0.5]
 LOGPROBS = torch.tensor([[-2.0, -1.0, -0.5]], dtype=torch.float64)

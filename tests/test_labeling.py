@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from rlhf_overopt.labeling import Pair, chunk_ranges, pair_and_label, rank_chunks
+from rlhf_overopt.data.labeling import Pair, chunk_ranges, pair_and_label, rank_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "label_preferences.yaml"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_overopt.losses import (
+from rlhf_overopt.ops.losses import (
     bradley_terry_loss,
     madpo_weights,
     ppo_policy_loss,
@@ -262,7 +262,7 @@ def test_madpo_weights_feed_weighted_dpo():
 # -- GRPO loss normalizations, worked by hand ---------------------------------------------------
 
 def test_normalize_token_loss_hand():
-    from rlhf_overopt.losses import normalize_token_loss
+    from rlhf_overopt.ops.losses import normalize_token_loss
 
     # response 1: 3 tokens with losses 1, 2, 3 (sum 6); response 2: 1 token with loss 4 (sum 4)
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
@@ -278,7 +278,7 @@ def test_normalize_token_loss_hand():
 
 
 def test_ppo_policy_loss_is_the_token_mean_of_the_clipped_surrogate():
-    from rlhf_overopt.losses import clipped_surrogate, normalize_token_loss, ppo_policy_loss
+    from rlhf_overopt.ops.losses import clipped_surrogate, normalize_token_loss, ppo_policy_loss
 
     g = torch.Generator().manual_seed(0)
     logp, old, adv = (torch.randn(3, 5, generator=g) for _ in range(3))

@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from rlhf_overopt.masking import (
+from rlhf_overopt.ops.masking import (
     has_eos,
     last_index,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
-    whiten_from_moments,
     response_mask_after_eos,
+    whiten_from_moments,
 )
 
 EOS = 2

@@ -1,4 +1,4 @@
-"""Tests of rlhf_overopt.models: loading, dropout, reward-model input, scalar reward models.
+"""Tests of rlhf_overopt.run.models: loading, dropout, reward-model input, scalar reward models.
 
 A tiny offline world is built once per module: a byte-level BPE tokenizer trained on synthetic
 sentences (EOS and a distinct PAD) and a random-init 2-layer GPT-2 causal LM saved to disk.
@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from rlhf_overopt.models import (
+from rlhf_overopt.ops.masking import position_ids_from_mask
+from rlhf_overopt.run.models import (
     backbone_from_pretrained,
     check_tokenizer,
     encode_for_reward,
@@ -23,7 +24,6 @@ from rlhf_overopt.models import (
     left_pad,
     load_causal_lm,
     load_tokenizer,
-    position_ids_from_mask,
     reward_head,
     reward_model_from_pretrained,
     reward_scores,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt import seeds
-from rlhf_overopt.config import ConfigError, load_config
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.ops.shaping import par_reward
 from rlhf_overopt.references import (
     CHUNK_PROMPTS,
     REFERENCE_DIR,
@@ -24,8 +25,8 @@ from rlhf_overopt.references import (
     drawn_chunks,
     lookup,
 )
-from rlhf_overopt.runs import read_jsonl
-from rlhf_overopt.shaping import par_reward
+from rlhf_overopt.run import seeds
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"

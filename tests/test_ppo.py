@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"

@@ -15,7 +15,12 @@ PRESETS = sorted((ROOT / "configs" / "presets").rglob("*.yaml"))
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory, foreign_world):
     """hub name -> tiny local checkpoint of the same family (config files are all --check reads)."""
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     root = tmp_path_factory.mktemp("stand_ins")
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_embd=32, n_head=2)).save_pretrained(root / "gpt2")

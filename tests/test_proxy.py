@@ -1,4 +1,4 @@
-"""Tests of the proxy ensemble (rlhf_overopt.ensemble, .members, .rm_training): training every ensemble kind, failed members, standardization,
+"""Tests of the proxy ensemble (rlhf_overopt.rewards.ensemble, .members, .rm_training): training every ensemble kind, failed members, standardization,
 batched scoring against member-by-member scoring, save/load.
 
 A tiny offline world is built once per module: a byte-level BPE tokenizer, a random-init
@@ -20,10 +20,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from rlhf_overopt.config import ProxyConfig
-from rlhf_overopt.ensemble import ENSEMBLE_FILE, FailedMemberError, ProxyEnsemble
-from rlhf_overopt.models import encode_for_reward, reward_head
-from rlhf_overopt.rm_training import encode_pairs, reference_responses, train_ensemble
+from rlhf_overopt.config.sections import ProxyConfig
+from rlhf_overopt.rewards.ensemble import ENSEMBLE_FILE, FailedMemberError, ProxyEnsemble
+from rlhf_overopt.rewards.training import encode_pairs, reference_responses, train_ensemble
+from rlhf_overopt.run.models import encode_for_reward, reward_head
 
 GOOD = ["good", "great", "lovely", "superb"]
 BAD = ["bad", "awful", "boring", "dull"]
@@ -374,7 +374,7 @@ def test_failed_member_error(trained, world):
 def test_failed_member_warn(trained, world, caplog):
     broken = _break_member(trained("independent"), 1)
     pairs = encode_pairs(world["val"], world["tokenizer"], broken.max_length)
-    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.rewards.ensemble"):
         failed = broken.check_members(pairs, min_accuracy=0.6, on_failed_member="warn")
     assert failed == ["member_1"] and broken.failed_members == ["member_1"]
     assert broken.k == 3 and broken.val_accuracy["member_1"] < 0.6
@@ -386,7 +386,7 @@ def test_failed_member_drop(trained, world, kind, caplog):
     original = trained(kind)
     broken = _break_member(original, 1)
     pairs = encode_pairs(world["val"], world["tokenizer"], broken.max_length)
-    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_overopt.rewards.ensemble"):
         failed = broken.check_members(pairs, min_accuracy=0.6, on_failed_member="drop")
     assert failed == ["member_1"] and any("dropped" in r.getMessage() for r in caplog.records)
     assert broken.member_names == ["member_0", "member_2"] and broken.dropped_members == ["member_1"]
@@ -436,7 +436,7 @@ def test_train_ensemble_argument_errors(world, tmp_path):
 def test_members_trained_in_processes_equal_members_trained_here(trained, world):
     """proxy.train_workers changes where members train, not their weights: two spawned worker
     processes give bit-identical members to training them one after another in this process."""
-    from rlhf_overopt.rm_training import member_workers
+    from rlhf_overopt.rewards.training import member_workers
 
     here = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
                           _cfg("independent", train_workers=1), progress=False)

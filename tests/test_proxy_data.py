@@ -1,7 +1,7 @@
 """Proxies from any preference dataset (proxy.dataset) with a backbone of their own (proxy.backbone).
 
-Covers rlhf_overopt/preferences.py's reader (TRL's explicit and implicit-prompt formats, column
-aliases, one-line errors) and rlhf_overopt/reward_cache.py / rm_training.py training on it: a Llama
+Covers rlhf_overopt/data/preferences.py's reader (TRL's explicit and implicit-prompt formats, column
+aliases, one-line errors) and rlhf_overopt/rewards/cache.py / rm_training.py training on it: a Llama
 proxy backbone whose tokenizer is not the policy's and has no pad token, the cache key, proxy.dtype.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.preferences import (
+from rlhf_overopt.data.preferences import (
     PreferenceDataError,
     ended_flags,
     implicit_prompt,
@@ -123,7 +123,7 @@ def test_other_containers_and_names_read_alike(tmp_path):
 def test_dpo_and_madpo_read_an_implicit_file(tmp_path):
     """dpo.dataset (loops/dpo.load_pairs) and MADPO's margins read the pairs through
     load_preference_dataset: an implicit-format file gives the pair text columns they use."""
-    from rlhf_overopt.margins import PAIR_TEXT_COLUMNS
+    from rlhf_overopt.rewards.margins import PAIR_TEXT_COLUMNS
 
     rows = pairs(12, gold=False)
     data = load_preference_dataset(write_jsonl(tmp_path / "implicit.jsonl", implicit(rows)))
@@ -134,8 +134,8 @@ def test_dpo_and_madpo_read_an_implicit_file(tmp_path):
     assert columns["prompt"] == [r["prompt"] for r in rows] and columns["chosen"] == [r["chosen"] for r in rows]
 
     # MADPO's margins on those columns; a user dataset's `flipped` is reported like the testbed's
-    from rlhf_overopt.config import load_config
-    from rlhf_overopt.margins import margin_weights
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.rewards.margins import margin_weights
 
     class Ensemble:
         k = 2
@@ -208,7 +208,7 @@ class FakeTestbed:
 
 
 def _config(*overrides: str):
-    from rlhf_overopt.config import load_config
+    from rlhf_overopt.config.load import load_config
 
     return load_config(TRAIN_RM, list(overrides), check_paths=False)
 
@@ -216,8 +216,8 @@ def _config(*overrides: str):
 def test_testbed_cache_key_is_unchanged():
     """The key for proxy.dataset=testbed is the formula of the code before proxy.dataset was read
     (rebuilt here from the config, nothing hard-coded), whatever proxy.dtype."""
-    from rlhf_overopt.config import to_dict
-    from rlhf_overopt.reward_cache import PROXY_CACHE_VERSION, proxy_cache_dir
+    from rlhf_overopt.config.experiment import to_dict
+    from rlhf_overopt.rewards.cache import PROXY_CACHE_VERSION, proxy_cache_dir
 
     for cfg in (_config(), _config("proxy.train_pairs=40", "proxy.k=3")):
         settings = to_dict(cfg.proxy)
@@ -234,7 +234,7 @@ def test_testbed_cache_key_is_unchanged():
 
 
 def test_dataset_cache_key_follows_the_file(tmp_path):
-    from rlhf_overopt.reward_cache import proxy_cache_dir
+    from rlhf_overopt.rewards.cache import proxy_cache_dir
 
     data = write_jsonl(tmp_path / "prefs.jsonl", pairs(30))
     cfg = _config(f"proxy.dataset={data}", f"testbed.cache_dir={tmp_path / 'cache'}")
@@ -260,10 +260,10 @@ def _foreign_cfg(foreign_world, data: Path, cache: Path, *overrides: str):
 def test_proxies_train_on_a_dataset_with_their_own_tokenizer(foreign_world, tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf_overopt.dist import DistInfo
-    from rlhf_overopt.ensemble import ProxyEnsemble
-    from rlhf_overopt.reward_cache import ensure_proxies, proxy_cache_dir
-    from rlhf_overopt.runs import RunDir
+    from rlhf_overopt.rewards.cache import ensure_proxies, proxy_cache_dir
+    from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+    from rlhf_overopt.run.directory import RunDir
+    from rlhf_overopt.run.dist import DistInfo
 
     assert AutoTokenizer.from_pretrained(foreign_world["proxy_backbone"]).pad_token is None
     data = write_jsonl(tmp_path / "prefs.jsonl", pairs(60))
@@ -297,9 +297,9 @@ def test_proxies_train_on_a_dataset_with_their_own_tokenizer(foreign_world, tmp_
 def test_clean_accuracy_is_none_without_gold(foreign_world, tmp_path):
     from datasets import Dataset
 
-    from rlhf_overopt.reward_cache import split_prefs
-    from rlhf_overopt.rm_training import proxy_tokenizer, train_ensemble
-    from rlhf_overopt.sections import ProxyConfig
+    from rlhf_overopt.config.sections import ProxyConfig
+    from rlhf_overopt.rewards.cache import split_prefs
+    from rlhf_overopt.rewards.training import proxy_tokenizer, train_ensemble
 
     train, val = split_prefs(Dataset.from_list(pairs(40, gold=False)), 0)
     tok = proxy_tokenizer(foreign_world["proxy_backbone"])
@@ -314,10 +314,10 @@ def test_bad_proxy_inputs_stop_before_training(foreign_world, tmp_path):
     row, and a token cap too short for the responses."""
     from datasets import Dataset
 
+    from rlhf_overopt.config.sections import ProxyConfig
     from rlhf_overopt.errors import InputError
-    from rlhf_overopt.reward_cache import proxy_dataset, split_prefs
-    from rlhf_overopt.rm_training import proxy_tokenizer, train_ensemble
-    from rlhf_overopt.sections import ProxyConfig
+    from rlhf_overopt.rewards.cache import proxy_dataset, split_prefs
+    from rlhf_overopt.rewards.training import proxy_tokenizer, train_ensemble
 
     cases = [([{"text": "a", "score": 1}], "proxy.dataset: ", "(has text, score)"),
              (pairs(3)[:2] + [{"prompt": "a", "chosen": "", "rejected": " b"}], "row 2", "field 'chosen' is empty")]
@@ -340,7 +340,7 @@ def test_bad_proxy_inputs_stop_before_training(foreign_world, tmp_path):
 def test_policy_backbone_of_a_foreign_policy_uses_its_checkpoint_and_tokenizer(foreign_world, tmp_path):
     """proxy.backbone=policy with a policy that is not the testbed's: the policy's own checkpoint
     and tokenizer (GPT-NeoX without a pad: one is added), no testbed needed."""
-    from rlhf_overopt.reward_cache import _proxy_backbone, _proxy_tokenizer
+    from rlhf_overopt.rewards.cache import _proxy_backbone, _proxy_tokenizer
 
     data = write_jsonl(tmp_path / "prefs.jsonl", pairs(30))
     cfg = _config(f"policy.path={foreign_world['policy']}", f"proxy.dataset={data}", "gold.path=testbed")
@@ -355,7 +355,7 @@ def test_an_eos_only_response_is_a_valid_row():
     an empty response that did not end, or an empty prompt, is still refused."""
     import datasets
 
-    from rlhf_overopt.preferences import PreferenceDataError, validate_preference_rows
+    from rlhf_overopt.data.preferences import PreferenceDataError, validate_preference_rows
 
     def rows(chosen_ended: bool, prompt: str = "The film"):
         return datasets.Dataset.from_dict({"prompt": [prompt], "chosen": [""], "rejected": [" was fine."],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"

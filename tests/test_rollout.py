@@ -7,15 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_overopt.masking import has_eos, response_mask_after_eos
+from rlhf_overopt.ops.masking import has_eos, position_ids_from_mask, response_mask_after_eos
 from rlhf_overopt.records import PromptBatch, Rollout
-from rlhf_overopt.rollout import (
-    _nucleus_filter,
-    generate,
-    position_ids_from_mask,
-    sequence_logprobs,
-    tokenize_prompts,
-)
+from rlhf_overopt.rollout import _nucleus_filter, generate, sequence_logprobs, tokenize_prompts
 from rlhf_overopt.values import ValueModel, response_values
 
 PROMPTS = [

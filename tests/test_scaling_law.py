@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.config import ConfigError, load_config
-from rlhf_overopt.runs import CURVE_REQUIRED_KEYS, read_jsonl
-from rlhf_overopt.scaling import (
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
+from rlhf_overopt.ops.scaling import (
     bon_peak,
     bon_peak_gain,
     fit_bon_form,
@@ -25,6 +25,7 @@ from rlhf_overopt.scaling import (
     gpt2_reward_parameters,
     non_embedding_parameters,
 )
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "scaling_law.yaml"

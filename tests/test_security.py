@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overopt.config import ConfigError, load_config
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = {
@@ -70,7 +71,7 @@ def test_pickled_checkpoint_cannot_execute_code(tmp_path):
     import torch
     from transformers import GPT2Config
 
-    from rlhf_overopt.models import load_causal_lm
+    from rlhf_overopt.run.models import load_causal_lm
 
     marker = tmp_path / "pwned"
     GPT2Config(vocab_size=50, n_layer=1, n_embd=16, n_head=2, n_positions=16).save_pretrained(tmp_path)

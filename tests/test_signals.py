@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.runs import read_jsonl
-from rlhf_overopt.signals import average_ranks, member_std, spearman
+from rlhf_overopt.ops.signals import average_ranks, member_std, spearman
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

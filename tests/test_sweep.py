@@ -26,8 +26,9 @@ from launch.supervisor import (
     run_names,
     wandb_sweep_spec,
 )
-from rlhf_overopt.config import Config, parse_override
-from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.config.experiment import Config
+from rlhf_overopt.config.load import parse_override
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_CLI = ROOT / "launch" / "sweep.py"

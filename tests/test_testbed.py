@@ -241,7 +241,7 @@ def test_cli_refuses_unknown_keys(capsys):
 
 def test_every_tiny_config_names_the_fixture_testbed(tiny_testbed_config):
     """CLI tests pass testbed.cache_dir=<fixture cache>: they must hit the same cache entry."""
-    from rlhf_overopt.config import load_config
+    from rlhf_overopt.config.load import load_config
 
     for path in sorted((ROOT / "configs" / "tiny").glob("*.yaml")):
         cfg = load_config(path, [f"testbed.cache_dir={tiny_testbed_config.cache_dir}"], check_paths=False)

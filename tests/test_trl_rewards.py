@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_overopt.components import ComponentRewards
-from rlhf_overopt.config import AggregateConfig
+from rlhf_overopt.config.sections import AggregateConfig
 from rlhf_overopt.errors import NonFiniteError
-from rlhf_overopt.trl_rewards import (
-    EnsembleReward,
-    WeightedComponentReward,
-    completion_ended,
-    weighted_reward,
-)
+from rlhf_overopt.ops.constrained import weighted_reward
+from rlhf_overopt.rewards.components import ComponentRewards
+from rlhf_overopt.rewards.trl_rewards import EnsembleReward, WeightedComponentReward, completion_ended
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,9 +362,9 @@ common = dict(report_to=[], use_cpu=True, bf16=False, max_steps=2, per_device_tr
 """
 
 E2E_SCRIPT = E2E_SETUP + r"""
-from rlhf_overopt.components import ComponentRewards
-from rlhf_overopt.config import AggregateConfig
-from rlhf_overopt.trl_rewards import WeightedComponentReward
+from rlhf_overopt.rewards.components import ComponentRewards
+from rlhf_overopt.config.experiment import AggregateConfig
+from rlhf_overopt.rewards.trl_rewards import WeightedComponentReward
 
 
 class TextFeatures:  # an 'ensemble' of one member scoring a text feature
@@ -438,9 +434,9 @@ def test_grpo_and_rloo_trainers_run_with_the_weighted_reward(tmp_path):
 ENSEMBLE_E2E_SCRIPT = E2E_SETUP + r"""
 from transformers import GPT2ForSequenceClassification
 
-from rlhf_overopt.ensemble import ProxyEnsemble
-from rlhf_overopt.members import SeparateMembers
-from rlhf_overopt.trl_rewards import EnsembleReward
+from rlhf_overopt.rewards.ensemble import ProxyEnsemble
+from rlhf_overopt.rewards.members import SeparateMembers
+from rlhf_overopt.rewards.trl_rewards import EnsembleReward
 
 # a real (untrained) proxy ensemble: three independent tiny GPT-2 reward models, raw scores
 members = []
@@ -487,7 +483,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from rlhf_overopt.trl_rewards import WeightedComponentReward
+from rlhf_overopt.rewards.trl_rewards import WeightedComponentReward
 
 
 def worker(rank, port, out):

@@ -19,7 +19,7 @@ import yaml
 
 from analysis.report import main as report_main
 from analysis.wandb_offline import WandbLogError, find_offline_runs, iter_record_bytes, read_offline_run
-from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"

@@ -22,14 +22,15 @@ from test_proxy import GOOD, PROMPTS, _cfg, _preferences, _response, _tiny_lm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_overopt.config import ProxyConfig, load_config
-from rlhf_overopt.ensemble import ENSEMBLE_FILE, ProxyEnsemble
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.config.sections import ProxyConfig
 from rlhf_overopt.errors import ConfigError
-from rlhf_overopt.members import WARM_MEMBERS_DIR, SeparateMembers
-from rlhf_overopt.reward_cache import proxy_cache_dir
-from rlhf_overopt.rm_training import _member_model, reference_responses, train_ensemble
-from rlhf_overopt.runs import read_jsonl
-from rlhf_overopt.warm import average_state_dicts, state_dict_hash
+from rlhf_overopt.ops.warm import average_state_dicts, state_dict_hash
+from rlhf_overopt.rewards.cache import proxy_cache_dir
+from rlhf_overopt.rewards.ensemble import ENSEMBLE_FILE, ProxyEnsemble
+from rlhf_overopt.rewards.members import WARM_MEMBERS_DIR, SeparateMembers
+from rlhf_overopt.rewards.training import _member_model, reference_responses, train_ensemble
+from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -235,7 +236,8 @@ def test_bon_with_warm_proxies_on_the_tiny_testbed(tiny_testbed, tmp_path):
 
 
 def test_warm_member_names_beyond_member_0_are_rejected_before_work():
-    from rlhf_overopt.config import ConfigError, load_config
+    from rlhf_overopt.config.load import load_config
+    from rlhf_overopt.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"bon.aggregators\[0\].*member_2 is out of range for a warm ensemble"):
         load_config("configs/tiny/bon_ensemble.yaml", ["proxy.kind=warm", "bon.aggregators=[member_2]"])

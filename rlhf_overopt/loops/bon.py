@@ -22,14 +22,9 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.data import load_prompts
-from rlhf_overopt.data import policy_path as initial_policy_path
-from rlhf_overopt.engines import load_policy_model
+from rlhf_overopt.data.prompts import load_prompts
+from rlhf_overopt.data.prompts import policy_path as initial_policy_path
 from rlhf_overopt.errors import InputError, check_finite
-from rlhf_overopt.gold import GoldScorer
-from rlhf_overopt.lifecycle import RunContext
-from rlhf_overopt.models import check_vocabulary, load_tokenizer
 from rlhf_overopt.pool import (
     aggregator_names,
     bon_curve_rows,
@@ -40,9 +35,14 @@ from rlhf_overopt.pool import (
     text_ref_logprobs,
     text_response_tokens,
 )
-from rlhf_overopt.reward_cache import ensure_proxies
+from rlhf_overopt.rewards.cache import ensure_proxies
+from rlhf_overopt.rewards.gold import GoldScorer
 from rlhf_overopt.rollout import generate, sequence_logprobs
-from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.engines import load_policy_model
+from rlhf_overopt.run.lifecycle import RunContext
+from rlhf_overopt.run.models import check_vocabulary, load_tokenizer
+from rlhf_overopt.run.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
 

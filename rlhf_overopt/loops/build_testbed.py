@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf_overopt.lifecycle import RunContext
+from rlhf_overopt.run.lifecycle import RunContext
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

@@ -35,19 +35,19 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.checkpoints import Checkpointer
-from rlhf_overopt.config import Config
-from rlhf_overopt.constrained import Multipliers, mixed_advantages
-from rlhf_overopt.engines import save_policy
+from rlhf_overopt.config.experiment import Config
+from rlhf_overopt.config.plan import make_plan
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy
-from rlhf_overopt.kl import kl_controller
-from rlhf_overopt.lifecycle import RunContext, resume_step
-from rlhf_overopt.plan import make_plan
-from rlhf_overopt.runs import append_jsonl, read_jsonl
+from rlhf_overopt.ops.constrained import Multipliers, mixed_advantages
+from rlhf_overopt.ops.kl import kl_controller
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.checkpoints import Checkpointer
+from rlhf_overopt.run.directory import append_jsonl, read_jsonl
+from rlhf_overopt.run.engines import save_policy
+from rlhf_overopt.run.lifecycle import RunContext, resume_step
+from rlhf_overopt.run.tracking import Tracker
 from rlhf_overopt.streams import StreamBatch, build_composite, collect_streams, stream_stats
-from rlhf_overopt.tracking import Tracker
 from rlhf_overopt.update import ppo_update
 
 log = logging.getLogger("rlhf_overopt")

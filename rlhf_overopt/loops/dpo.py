@@ -38,28 +38,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.aggregate import aggregator
-from rlhf_overopt.checkpoints import Checkpointer
-from rlhf_overopt.data import load_prompts
-from rlhf_overopt.data import policy_path as initial_policy_path
-from rlhf_overopt.engines import (
-    check_policy_dtype,
-    ds_config,
-    ensure_process_group,
-    frozen_model,
-    load_policy_model,
-    save_policy,
-    train_engine,
-)
-from rlhf_overopt.errors import InputError
-from rlhf_overopt.evaluate import EvalLog, check_finite, evaluate_policy
-from rlhf_overopt.gold import GoldScorer
-from rlhf_overopt.lifecycle import RunContext, resume_step
-from rlhf_overopt.margins import margin_weights
-from rlhf_overopt.models import context_length, load_tokenizer
-from rlhf_overopt.plan import preference_schedule
-from rlhf_overopt.preferences import (
+from rlhf_overopt.config.plan import preference_schedule
+from rlhf_overopt.data.preferences import (
     PreferenceDataError,
     collate_pairs,
     corpus_tier,
@@ -68,9 +48,29 @@ from rlhf_overopt.preferences import (
     load_preference_dataset,
     tokenize_pairs,
 )
-from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies
-from rlhf_overopt.runs import append_jsonl
-from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.data.prompts import load_prompts
+from rlhf_overopt.data.prompts import policy_path as initial_policy_path
+from rlhf_overopt.errors import InputError, check_finite
+from rlhf_overopt.evaluate import EvalLog, evaluate_policy
+from rlhf_overopt.ops.aggregate import aggregator
+from rlhf_overopt.rewards.cache import ensemble_dir, ensure_proxies
+from rlhf_overopt.rewards.gold import GoldScorer
+from rlhf_overopt.rewards.margins import margin_weights
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.checkpoints import Checkpointer
+from rlhf_overopt.run.directory import append_jsonl
+from rlhf_overopt.run.engines import (
+    check_policy_dtype,
+    ds_config,
+    ensure_process_group,
+    frozen_model,
+    load_policy_model,
+    save_policy,
+    train_engine,
+)
+from rlhf_overopt.run.lifecycle import RunContext, resume_step
+from rlhf_overopt.run.models import context_length, load_tokenizer
+from rlhf_overopt.run.tracking import Tracker
 from rlhf_overopt.update import pair_logprobs, preference_step
 
 log = logging.getLogger("rlhf_overopt")

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.checkpoints import Checkpointer
-from rlhf_overopt.constrained import (
+from rlhf_overopt.config.plan import make_plan
+from rlhf_overopt.evaluate import EvalLog, evaluate_policy
+from rlhf_overopt.ops.constrained import (
     combine_streams,
     gradient_weight_update,
     hypervolume,
@@ -45,16 +45,16 @@ from rlhf_overopt.constrained import (
     objective_influence,
     pareto_buffer_add,
 )
-from rlhf_overopt.engines import save_policy
-from rlhf_overopt.evaluate import EvalLog, evaluate_policy
-from rlhf_overopt.kl import kl_controller
-from rlhf_overopt.lifecycle import RunContext, resume_step
-from rlhf_overopt.losses import ppo_policy_loss
-from rlhf_overopt.plan import make_plan
+from rlhf_overopt.ops.kl import kl_controller
+from rlhf_overopt.ops.losses import ppo_policy_loss
 from rlhf_overopt.rollout import sequence_logprobs
-from rlhf_overopt.runs import append_jsonl
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.checkpoints import Checkpointer
+from rlhf_overopt.run.directory import append_jsonl
+from rlhf_overopt.run.engines import save_policy
+from rlhf_overopt.run.lifecycle import RunContext, resume_step
+from rlhf_overopt.run.tracking import Tracker
 from rlhf_overopt.streams import StreamBatch, build_composite, collect_streams, stream_stats
-from rlhf_overopt.tracking import Tracker
 from rlhf_overopt.update import ppo_update
 
 log = logging.getLogger("rlhf_overopt")

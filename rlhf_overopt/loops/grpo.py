@@ -34,24 +34,30 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.advantages import group_advantages, leave_one_out_advantages
-from rlhf_overopt.aggregate import aggregator
-from rlhf_overopt.checkpoints import Checkpointer
-from rlhf_overopt.data import load_prompts, policy_path
-from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group, gathered, save_policy
+from rlhf_overopt.config.plan import make_plan
+from rlhf_overopt.data.prompts import load_prompts, policy_path
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
-from rlhf_overopt.gold import GoldScorer
-from rlhf_overopt.kl import sequence_kl
-from rlhf_overopt.lifecycle import RunContext, resume_step
-from rlhf_overopt.models import load_tokenizer
-from rlhf_overopt.plan import make_plan
+from rlhf_overopt.ops.advantages import group_advantages, leave_one_out_advantages
+from rlhf_overopt.ops.aggregate import aggregator
+from rlhf_overopt.ops.kl import sequence_kl
+from rlhf_overopt.ops.shaping import par_reward
 from rlhf_overopt.references import lookup, run_references
-from rlhf_overopt.reward_cache import ensure_proxies
+from rlhf_overopt.rewards.cache import ensure_proxies
+from rlhf_overopt.rewards.gold import GoldScorer
 from rlhf_overopt.rollout import generate, sequence_logprobs
-from rlhf_overopt.runs import append_jsonl
-from rlhf_overopt.shaping import par_reward
-from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.checkpoints import Checkpointer
+from rlhf_overopt.run.directory import append_jsonl
+from rlhf_overopt.run.engines import (
+    build_actors,
+    check_policy_dtype,
+    ensure_process_group,
+    gathered,
+    save_policy,
+)
+from rlhf_overopt.run.lifecycle import RunContext, resume_step
+from rlhf_overopt.run.models import load_tokenizer
+from rlhf_overopt.run.tracking import Tracker
 from rlhf_overopt.update import group_update
 
 log = logging.getLogger("rlhf_overopt")

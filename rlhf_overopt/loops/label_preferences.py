@@ -25,12 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.data import load_prompts, policy_path
-from rlhf_overopt.engines import load_policy_model
-from rlhf_overopt.errors import InputError
-from rlhf_overopt.gold import GoldScorer
-from rlhf_overopt.labeling import (
+from rlhf_overopt.data.labeling import (
     chunk_path,
     chunk_ranges,
     dataset_card,
@@ -43,9 +38,14 @@ from rlhf_overopt.labeling import (
     save_chunk,
     write_dataset,
 )
-from rlhf_overopt.lifecycle import RunContext
-from rlhf_overopt.models import load_tokenizer
-from rlhf_overopt.progress import bar
+from rlhf_overopt.data.prompts import load_prompts, policy_path
+from rlhf_overopt.errors import InputError
+from rlhf_overopt.rewards.gold import GoldScorer
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.engines import load_policy_model
+from rlhf_overopt.run.lifecycle import RunContext
+from rlhf_overopt.run.models import load_tokenizer
+from rlhf_overopt.run.progress import bar
 
 log = logging.getLogger("rlhf_overopt")
 

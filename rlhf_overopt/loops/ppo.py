@@ -17,7 +17,7 @@ With aggregate.shaping=par, the k reference responses of every prompt the run dr
 eval prompts) are sampled once from the initial policy before the first iteration and cached in
 <run>/par_references/ (rlhf_overopt.references); a resumed run reads them back.
 
-Every random draw comes from a generator seeded by (seed, step, rank) (rlhf_overopt.seeds), so a
+Every random draw comes from a generator seeded by (seed, step, rank) (rlhf_overopt.run.seeds), so a
 resumed run repeats exactly what an uninterrupted one does.
 """
 
@@ -29,24 +29,30 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist, seeds
-from rlhf_overopt.advantages import gae, token_rewards
-from rlhf_overopt.aggregate import aggregator
-from rlhf_overopt.checkpoints import Checkpointer
-from rlhf_overopt.data import load_prompts, policy_path
-from rlhf_overopt.engines import build_actors, check_policy_dtype, ensure_process_group, gathered, save_policy
+from rlhf_overopt.config.plan import make_plan
+from rlhf_overopt.data.prompts import load_prompts, policy_path
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
-from rlhf_overopt.gold import GoldScorer
-from rlhf_overopt.kl import kl_controller, kl_penalty_per_token
-from rlhf_overopt.lifecycle import RunContext, resume_step
-from rlhf_overopt.models import load_tokenizer
-from rlhf_overopt.plan import make_plan
+from rlhf_overopt.ops.advantages import gae, token_rewards
+from rlhf_overopt.ops.aggregate import aggregator
+from rlhf_overopt.ops.kl import kl_controller, kl_penalty_per_token
+from rlhf_overopt.ops.shaping import par_reward
 from rlhf_overopt.references import lookup, run_references
-from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, first_member_backbone
+from rlhf_overopt.rewards.cache import ensemble_dir, ensure_proxies, first_member_backbone
+from rlhf_overopt.rewards.gold import GoldScorer
 from rlhf_overopt.rollout import generate, sequence_logprobs
-from rlhf_overopt.runs import append_jsonl
-from rlhf_overopt.shaping import par_reward
-from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.run import dist, seeds
+from rlhf_overopt.run.checkpoints import Checkpointer
+from rlhf_overopt.run.directory import append_jsonl
+from rlhf_overopt.run.engines import (
+    build_actors,
+    check_policy_dtype,
+    ensure_process_group,
+    gathered,
+    save_policy,
+)
+from rlhf_overopt.run.lifecycle import RunContext, resume_step
+from rlhf_overopt.run.models import load_tokenizer
+from rlhf_overopt.run.tracking import Tracker
 from rlhf_overopt.update import ppo_update
 from rlhf_overopt.values import response_values
 

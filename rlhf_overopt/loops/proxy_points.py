@@ -23,11 +23,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rlhf_overopt.components import fit_proxy_point
-from rlhf_overopt.config import validate
+from rlhf_overopt.config.validate import validate
 from rlhf_overopt.errors import InputError
-from rlhf_overopt.lifecycle import RunContext
-from rlhf_overopt.runs import read_jsonl
+from rlhf_overopt.rewards.components import fit_proxy_point
+from rlhf_overopt.run.directory import read_jsonl
+from rlhf_overopt.run.lifecycle import RunContext
 
 log = logging.getLogger("rlhf_overopt")
 

@@ -4,7 +4,7 @@ against log parameter count and log data size.
 
     1. check      the data sizes against the testbed's train split, before any work
     2. pool       N gold-scored samples per eval prompt: scaling.pool, or sampled from the initial
-                  policy (rlhf_overopt.pool_sampling); saved as <run>/pool, reused on resume
+                  policy (rlhf_overopt.data.pool_sampling); saved as <run>/pool, reused on resume
     3. backbones  per proxy size a GPT-2 of that shape pretrained on the testbed corpus with the
                   SFT recipe and seed (the SFT policy itself for its own shape), cached beside the testbed
     4. cells      per (size, data size): ONE proxy trained on the first train_pairs noisy pairs
@@ -31,22 +31,22 @@ from typing import Any
 
 import torch
 
-from rlhf_overopt import dist
-from rlhf_overopt.bon import bon_expected, bon_kl
+from rlhf_overopt.data.pool_sampling import sample_gold_pool
 from rlhf_overopt.errors import InputError, check_finite
-from rlhf_overopt.lifecycle import RunContext
-from rlhf_overopt.pool import n_grid, read_scored_pool
-from rlhf_overopt.pool_sampling import sample_gold_pool
-from rlhf_overopt.reward_cache import ensure_proxies, split_prefs
-from rlhf_overopt.runs import RunDir, atomic_write_bytes, atomic_write_json, file_lock
-from rlhf_overopt.scaling import (
+from rlhf_overopt.ops.bon import bon_expected, bon_kl
+from rlhf_overopt.ops.scaling import (
     bon_peak,
     bon_peak_gain,
     fit_bon_form,
     fit_log_linear,
     non_embedding_parameters,
 )
-from rlhf_overopt.tracking import Tracker
+from rlhf_overopt.pool import n_grid, read_scored_pool
+from rlhf_overopt.rewards.cache import ensure_proxies, split_prefs
+from rlhf_overopt.run import dist
+from rlhf_overopt.run.directory import RunDir, atomic_write_bytes, atomic_write_json, file_lock
+from rlhf_overopt.run.lifecycle import RunContext
+from rlhf_overopt.run.tracking import Tracker
 
 log = logging.getLogger("rlhf_overopt")
 

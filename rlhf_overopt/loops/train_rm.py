@@ -1,10 +1,10 @@
 """method: train_rm — train the proxy ensemble on gold-labelled (noisy) preferences and report it.
 
-The ensemble is trained once into the testbed's reward cache (rlhf_overopt/reward_cache.py) and
+The ensemble is trained once into the testbed's reward cache (rlhf_overopt/rewards/cache.py) and
 loaded from there by every later run that needs it.
 
     1. data       the testbed's preference pairs, split 90/10 into train and validation
-    2. train      K members with the Bradley–Terry loss (rlhf_overopt.rm_training.train_ensemble)
+    2. train      K members with the Bradley–Terry loss (rlhf_overopt.rewards.training.train_ensemble)
     3. check      validation accuracy per member vs noisy and clean labels; failed members handled
     4. save       the ensemble with its standardization statistics
     5. report     proxies.json and the summary: where the ensemble lives, per-member accuracies
@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Any
 
-from rlhf_overopt.lifecycle import RunContext
-from rlhf_overopt.reward_cache import ensemble_dir, ensure_proxies, proxy_report
+from rlhf_overopt.rewards.cache import ensemble_dir, ensure_proxies, proxy_report
+from rlhf_overopt.run.lifecycle import RunContext
 
 log = logging.getLogger("rlhf_overopt")
 

@@ -13,7 +13,8 @@ import logging
 import sys
 from typing import Any
 
-from rlhf_overopt.config import ConfigError, load_config
+from rlhf_overopt.config.load import load_config
+from rlhf_overopt.errors import ConfigError
 from rlhf_overopt.testbed.build import build_testbed
 
 

@@ -32,8 +32,8 @@ import datasets
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from rlhf_overopt.config import TestbedConfig
-from rlhf_overopt.progress import quiet_datasets
+from rlhf_overopt.config.sections import TestbedConfig
+from rlhf_overopt.run.progress import quiet_datasets
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.data import (
     PREFS_STATS_FILE,

@@ -7,7 +7,7 @@ splits never share a prompt.
 
 Preferences follow Gao et al. 2022 §2 and Coste et al. 2023 §4: two responses of the initial
 policy per train prompt, the higher gold score wins, then a seeded `label_noise` fraction of the
-labels is flipped. The pairing itself is `rlhf_overopt.labeling.pair_and_label`, shared with the
+labels is flipped. The pairing itself is `rlhf_overopt.data.labeling.pair_and_label`, shared with the
 label_preferences method; sampling here stays the testbed's own seeded HF generate.
 """
 
@@ -25,9 +25,9 @@ import datasets
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_overopt.config import TestbedConfig
-from rlhf_overopt.labeling import pair_and_label
-from rlhf_overopt.progress import bar
+from rlhf_overopt.config.sections import TestbedConfig
+from rlhf_overopt.data.labeling import pair_and_label
+from rlhf_overopt.run.progress import bar
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.gold import TestbedGold, response_length
 

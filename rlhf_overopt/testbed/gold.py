@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_overopt.config import TestbedConfig
+from rlhf_overopt.config.sections import TestbedConfig
 
 _WORD = re.compile(r"[a-z0-9']+")
 

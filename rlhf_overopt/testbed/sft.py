@@ -25,8 +25,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from rlhf_overopt.config import TestbedConfig
-from rlhf_overopt.progress import bar
+from rlhf_overopt.config.sections import TestbedConfig
+from rlhf_overopt.run.progress import bar
 
 logger = logging.getLogger(__name__)
 

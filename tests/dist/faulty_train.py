@@ -40,11 +40,11 @@ def main() -> int:
         return wrapper
 
     if fault.startswith("gold"):
-        from rlhf_overopt.gold import GoldScorer
+        from rlhf_overopt.rewards.gold import GoldScorer
 
         GoldScorer.score = poisoned(GoldScorer.score)
     elif fault.startswith("proxy"):
-        from rlhf_overopt.ensemble import ProxyEnsemble
+        from rlhf_overopt.rewards.ensemble import ProxyEnsemble
 
         ProxyEnsemble.score_texts = poisoned(ProxyEnsemble.score_texts)
     else:

@@ -22,11 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedTokenizerFast  # noqa: E402
 
-from rlhf_overopt import dist  # noqa: E402
-from rlhf_overopt.advantages import gae, group_advantages  # noqa: E402
-from rlhf_overopt.engines import ds_config, ensure_process_group, gathered, local_parameter_count, train_engine  # noqa: E402
+from rlhf_overopt.run import dist  # noqa: E402
+from rlhf_overopt.ops.advantages import gae, group_advantages  # noqa: E402
+from rlhf_overopt.run.engines import (
+    ds_config,
+    ensure_process_group,
+    gathered,
+    local_parameter_count,
+    train_engine,
+)  # noqa: E402
 from rlhf_overopt.rollout import generate, sequence_logprobs  # noqa: E402
-from rlhf_overopt.seeds import step_generator  # noqa: E402
+from rlhf_overopt.run.seeds import step_generator  # noqa: E402
 from rlhf_overopt.update import group_update, ppo_update  # noqa: E402
 from rlhf_overopt.values import ValueModel, response_values  # noqa: E402
 
