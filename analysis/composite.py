@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning, load_for_cli
-from rlhf_overopt.config.methods import COMPOSITE_METHODS
+from rlhf_overopt.config.methods import COMPOSITE_METHODS, METHODS
 from rlhf_overopt.ops.constrained import hypervolume, pareto_mask
 
 FloatArray = npt.NDArray[np.float64]
@@ -479,7 +479,7 @@ def composite_markdown(runs: Sequence[CompositeRun], reference: Sequence[float] 
     """The whole report: a heading, :func:`composite_table`, and the NM path of every nm_ppo run."""
     parts = [f"# {title or 'Composite-reward runs'}\n", composite_table(runs, reference)]
     for run in runs:
-        if run.method == "nm_ppo" or run.nm_path is not None:
+        if run.nm_path is not None or (run.method in METHODS and "nm" in METHODS[run.method].sections):
             parts.append(f"## Nelder–Mead path: {run.name}\n")
             parts.append(nm_path_table(run))
     return "\n".join(parts)

@@ -45,6 +45,7 @@ from analysis.fit import (
 )
 from analysis.load import Curve, RunDirError, load_for_cli, load_runs
 from analysis.plots import FittedForm, plot_frontier, plot_member_spread, plot_method_curves
+from rlhf_overopt.config.methods import fit_form
 
 FORMS = ("auto", "bon", "rl")
 X_KEYS = ("kl", "kl_pool")
@@ -99,12 +100,13 @@ class Report:
 
 
 def resolve_form(method: str, form: str) -> str:
-    """The Gao form to fit: ``form`` itself, or for "auto" "bon" if method is "bon" else "rl"."""
+    """The Gao form to fit: ``form`` itself, or for "auto" the method table's fit_form of ``method``
+    ("bon" for best-of-n and scaling_law, "rl" otherwise)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form != "auto":
         return form
-    return "bon" if method == "bon" else "rl"
+    return fit_form(method)
 
 
 def build_rows(curves: Sequence[Curve], form: str = "auto") -> list[dict[str, Any]]:

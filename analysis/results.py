@@ -28,6 +28,7 @@ import yaml
 from analysis.load import find_run_dirs, load_runs
 from analysis.seeds import Pooled, group_by_setting, pooled_curve, pooled_summary
 from analysis.trajectories import summary_row
+from rlhf_overopt.config.methods import fit_form
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -208,7 +209,8 @@ def _bon_groups(spec: dict, results: Path) -> dict[tuple[str, str], dict[int, li
     """Best-of-n curves by (setting, objective) and seed: the setting is the values of the spec's
     `group_by` config keys (e.g. proxy.kind); every single member (member_i) is one objective,
     "single member (mean of K)", averaged within its seed."""
-    curves = [c for c in load_runs([results / spec["name"]], x=spec.get("x", "kl")) if c.method == "bon"]
+    curves = [c for c in load_runs([results / spec["name"]], x=spec.get("x", "kl"))
+              if fit_form(c.method) == "bon"]
     keys = spec.get("group_by", [])
     groups: dict[tuple[str, str], dict[int, list]] = {}
     for c in curves:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.load import Curve, RunDirError, load_for_cli, load_runs
+from rlhf_overopt.config.methods import fit_form
 
 
 def gold_at_distance(curve: Curve, d: float) -> float | None:
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves = load_for_cli(lambda: load_runs(args.runs), (RunDirError,))
     if curves is None:
         return 2
-    curves = [c for c in curves if c.method != "bon"]
+    curves = [c for c in curves if fit_form(c.method) != "bon"]  # best-of-n curves have no trajectory
     if not curves:
         print("no RL curves among the runs", file=sys.stderr)
         return 2

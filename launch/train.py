@@ -66,13 +66,14 @@ def write_report(root: Path, method: str) -> None:
     gets analysis.scaling's per-proxy table, trend table and figures instead."""
     report = root / "report"
     try:  # a plotting problem must not fail a finished experiment
-        if method == "proxy_points" and (root / "thresholds.json").exists():
+        sections = METHODS[method].sections
+        if "proxy_points" in sections and (root / "thresholds.json").exists():
             from analysis.composite import plot_proxy_points
 
             plot_proxy_points(json.loads((root / "thresholds.json").read_text()), report / "proxy_points.png")
         if not (root / "curves.jsonl").exists():
             return
-        if method == "scaling_law":  # one curve per proxy cell: its own table, trends and figures
+        if "scaling" in sections:  # one curve per proxy cell: its own table, trends and figures
             from analysis.scaling import write_scaling_report
 
             write_scaling_report(root, report)

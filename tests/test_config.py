@@ -330,3 +330,60 @@ def test_cli_rejects_an_empty_config(tmp_path):
     result = run_cli("--config", str(write(tmp_path, "# nothing yet\n")), cwd=tmp_path)
     assert result.returncode == 2
     assert "is empty" in result.stderr and result.stderr.count("\n") == 1
+
+
+# Method properties are columns of the method table (issue #24): outside config/, code reads a column
+# (METHODS[cfg.method].value_model, .groups, "nm" in .sections, ...) instead of comparing method names.
+
+def _method_name_comparisons(text: str) -> list[str]:
+    """The lines of `text` that compare something called *method* with a quoted method name."""
+    import re
+
+    from rlhf_overopt.config.methods import METHODS
+
+    names = "|".join(METHODS)
+    literal = rf"""["']({names})["']"""
+    patterns = [rf"method\w*\s*(==|!=)\s*{literal}", rf"{literal}\s*(==|!=)\s*\w*\.?method\b",
+                rf"method\w*\s+(not\s+)?in\s+[(\[{{][^)\]}}]*{literal}"]
+    return [line.strip() for line in text.splitlines() if any(re.search(p, line) for p in patterns)]
+
+
+def test_method_name_comparison_finder_catches_each_form():
+    planted = """
+if cfg.method == "ppo":
+x = method != 'bon'
+if cfg.method in ("grpo", "rloo"):
+ok = cfg.method not in {"dpo"}
+if "madpo" == run.method:
+if score_method not in ("loop", "vmap"):
+if form == "bon":
+if c.method == method:
+"""
+    assert len(_method_name_comparisons(planted)) == 5
+
+
+def test_no_method_name_comparisons_outside_config():
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("rlhf_overopt", "launch", "analysis", "bench"):
+        for f in sorted((root / folder).rglob("*.py")):
+            if f.is_relative_to(root / "rlhf_overopt" / "config"):
+                continue
+            found += [f"{f.relative_to(root)}: {line}" for line in _method_name_comparisons(f.read_text())]
+    assert not found, "compare a column of config.methods.METHODS instead:\n" + "\n".join(found)
+
+
+def test_method_columns():
+    from rlhf_overopt.config.methods import GRPO_METHODS, METHODS, SHAPING_METHODS, fit_form
+
+    assert [n for n, m in METHODS.items() if m.value_model] == [
+        "ppo", "constrained_ppo", "nm_ppo", "dynamic_ppo", "proxy_points"]
+    assert GRPO_METHODS == ("grpo", "rloo") == tuple(n for n, m in METHODS.items() if "grpo" in m.sections)
+    assert SHAPING_METHODS == ("ppo", "grpo", "rloo")
+    assert [n for n, m in METHODS.items() if m.margins] == ["madpo"]
+    assert [n for n, m in METHODS.items() if m.builds_testbed] == ["build_testbed"]
+    # the policy is trained against a reference by every rollout method and the DPO family
+    assert {n for n, m in METHODS.items() if m.trains_policy} == (
+        {n for n, m in METHODS.items() if m.rollouts} | {"dpo", "madpo"})
+    assert (fit_form("bon"), fit_form("scaling_law"), fit_form("ppo"), fit_form("proxy_points"),
+            fit_form("not_a_method")) == ("bon", "bon", "rl", "rl", "rl")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ def make_plan(cfg, world_size: int) -> Plan:
     local = _exact(p.batch_size, world_size, "ppo.batch_size", "ranks")
     micro = _exact(p.mini_batch_size, world_size, "ppo.mini_batch_size", "ranks")
     minibatches = _exact(p.batch_size, p.mini_batch_size, "ppo.mini_batch_size", "minibatches of the batch")
-    group = cfg.grpo.group_size if cfg.method in ("grpo", "rloo") else 1
+    group = cfg.grpo.group_size if METHODS[cfg.method].groups else 1
     prompts = _exact(local, group, "grpo.group_size", "whole groups per rank") if group > 1 else local
     every, steps = cfg.eval.every, p.steps
     return Plan(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_overopt.config.experiment import Config
-from rlhf_overopt.config.methods import COMPOSITE_METHODS, GRPO_METHODS, METHODS, Method
+from rlhf_overopt.config.methods import METHODS, SHAPING_METHODS, Method
 from rlhf_overopt.config.sections import check_aggregator_name, require
 from rlhf_overopt.config.train_sections import PPOConfig
 from rlhf_overopt.errors import ConfigError
@@ -19,20 +19,22 @@ from rlhf_overopt.errors import ConfigError
 
 def has_scored_pool(cfg: Config) -> bool:
     """The run reads an existing scored pool (bon.pool, scaling.pool), which brings its own prompts and gold."""
-    return (cfg.method == "bon" and bool(cfg.bon.pool)) or (cfg.method == "scaling_law" and bool(cfg.scaling.pool))
+    sections = METHODS[cfg.method].sections
+    return ("bon" in sections and bool(cfg.bon.pool)) or ("scaling" in sections and bool(cfg.scaling.pool))
 
 
 def world_sources(cfg: Config) -> dict[str, str]:
     """The keys of `cfg` that name where a part of the world comes from, for its method:
     {key: value} of the gold, the prompts, the preference pairs and the components."""
-    sections = METHODS[cfg.method].sections
+    method = METHODS[cfg.method]
+    sections = method.sections
     out = {}
     pool = has_scored_pool(cfg)  # a scored pool brings its own prompts and gold
     if "gold" in sections and not pool:
         out["gold.path"] = cfg.gold.path
     if "data" in sections and not pool:
         out["data.prompts"] = cfg.data.prompts
-    trains_proxies = "proxy" in sections and not cfg.proxy.path and cfg.method not in COMPOSITE_METHODS
+    trains_proxies = "proxy" in sections and not cfg.proxy.path and not method.composite
     if trains_proxies:
         out["proxy.dataset"] = cfg.proxy.dataset
     if "dpo" in sections:
@@ -121,11 +123,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         if agg != "members":
             _check_member(agg, scoring_k, f"bon.selector_aggregators[{i}]", warm)
     _validate_shaping(cfg)
-    if cfg.method in COMPOSITE_METHODS:
+    if method.composite:
         _validate_composite(cfg, check_paths)
-    if cfg.method in GRPO_METHODS:
+    if method.groups:
         _validate_grpo(cfg)
-    if cfg.method == "scaling_law":
+    if "scaling" in method.sections:
         _validate_scaling(cfg, check_paths)
 
     if check_paths:
@@ -161,20 +163,16 @@ def _validate_policy_training(cfg: Config, method: Method) -> None:
         require(method.driver != "dpo", "policy.lora_r", f"LoRA is for the RL drivers, not {cfg.method}")
 
 
-SHAPING_METHODS = ("ppo", "grpo", "rloo")
-"""Methods whose training reward aggregate.shaping=par shapes."""
-
-
 def _validate_shaping(cfg: Config) -> None:
     """aggregate.shaping=par shapes the sequence-level reward of the single-objective RL drivers.
     The composite methods optimize component scores against thresholds and weights given in the
     components' own units (and proxy_points reads gold against those units), and best-of-n and the
     DPO family train on no reward: for them par would be ignored or change what a threshold means,
     so it is refused."""
-    if cfg.aggregate.shaping == "none" or cfg.method in SHAPING_METHODS:
+    if cfg.aggregate.shaping == "none" or METHODS[cfg.method].shapes_rewards:
         return
     why = ("its constraint thresholds / reward weights are in unshaped component-score units"
-           if cfg.method in COMPOSITE_METHODS else "it trains on no RL reward")
+           if METHODS[cfg.method].composite else "it trains on no RL reward")
     raise ConfigError(f"aggregate.shaping: {cfg.aggregate.shaping} is not supported by method {cfg.method} ({why}); "
                       f"use it with {', '.join(SHAPING_METHODS)}, or set aggregate.shaping=none")
 
@@ -183,16 +181,17 @@ def _validate_composite(cfg: Config, check_paths: bool) -> None:
     """Combinations of the components / constrained / nm / weighting / proxy_points sections."""
     comp, con, nm, w = cfg.components, cfg.constrained, cfg.nm, cfg.weighting
     n = len(comp.names)
+    sections = METHODS[cfg.method].sections
     require(bool(comp.path) or cfg.gold.path == "testbed", "components.path",
             "components are labelled by the testbed gold's terms; with another gold, give trained components")
     require(cfg.ppo.no_eos_penalty == 0, "ppo.no_eos_penalty", "is not used by composite methods; leave it 0")
     require(not cfg.ppo.whiten_rewards, "ppo.whiten_rewards", "is not used by composite methods; leave it false")
     # mu-/xi-PPO mix per-stream advantages that are always whitened (Moskovitz et al. 2023, §4);
     # a switch that would do nothing is refused rather than ignored.
-    require(cfg.ppo.whiten_advantages or cfg.method not in ("constrained_ppo", "nm_ppo"), "ppo.whiten_advantages",
+    constrained = "constrained" in sections  # mu-/xi-PPO and NM-PPO
+    require(cfg.ppo.whiten_advantages or not constrained, "ppo.whiten_advantages",
             f"{cfg.method} always whitens each stream's advantages; leave it true")
 
-    constrained = cfg.method in ("constrained_ppo", "nm_ppo")
     n_constraints = n - (con.objective != "kl")
     require(con.objective == "kl" or con.objective in comp.names, "constrained.objective",
             f"must be 'kl' or a component name ({', '.join(comp.names)}), got {con.objective!r}")
@@ -202,12 +201,12 @@ def _validate_composite(cfg: Config, check_paths: bool) -> None:
                 "give a threshold per constrained component, or constrained.thresholds_file")
         require(not con.thresholds or len(con.thresholds) == n_constraints, "constrained.thresholds",
                 f"needs {n_constraints} value(s) (one per constrained component), got {len(con.thresholds)}")
-        if cfg.method == "nm_ppo":
+        if "nm" in sections:
             require(bool(con.thresholds), "constrained.thresholds", "nm_ppo starts its simplex from these; give them")
         if check_paths and con.thresholds_file and not con.thresholds:
             require(Path(con.thresholds_file).expanduser().exists(), "constrained.thresholds_file",
                     f"no such file or run directory: {con.thresholds_file}")
-    if cfg.method == "nm_ppo":
+    if "nm" in sections:
         require(nm.stretch_steps >= 1 and cfg.ppo.steps % nm.stretch_steps == 0, "nm.stretch_steps",
                 f"must divide ppo.steps ({cfg.ppo.steps}), got {nm.stretch_steps}")
     if w.weights:
@@ -273,7 +272,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     for key in METHODS[cfg.method].split_keys:
         value = _value(cfg, key)
         require(value % world_size == 0, key, f"{value} cannot be split evenly over {world_size} ranks")
-    if cfg.method in GRPO_METHODS:
+    if METHODS[cfg.method].groups:
         # Each rank normalizes advantages within the groups it sampled, so a group must not straddle ranks.
         per_rank, g = cfg.ppo.batch_size // world_size, cfg.grpo.group_size
         require(per_rank % g == 0, "grpo.group_size",

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from rlhf_overopt.config.experiment import Config
+from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.config.plan import make_plan
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy
@@ -129,7 +130,7 @@ class Lagrangian:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     cfg, p, info = ctx.cfg, ctx.cfg.ppo, ctx.dist
-    nm = cfg.method == "nm_ppo"
+    nm = "nm" in METHODS[cfg.method].sections  # NM-PPO searches the thresholds; mu-/xi-PPO holds them fixed
     plan = make_plan(cfg, info.world_size)
     # 0. models, thresholds, multipliers; resume (NM-PPO replays its search from nm_path.jsonl)
     m = build_composite(cfg, ctx.testbed, info, ctx.run, plan)

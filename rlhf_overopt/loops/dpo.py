@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.config.plan import preference_schedule
 from rlhf_overopt.data.preferences import (
     PreferenceDataError,
@@ -184,7 +185,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ensemble = ensure_proxies(cfg, ctx.testbed, info, ctx.run).to(info.device)
     timings["proxies_s"] = time.time() - t
     weights, madpo_info = None, {}
-    if cfg.method == "madpo":
+    margins = METHODS[cfg.method].margins
+    if margins:
         t = time.time()
         weights, madpo_info = margin_weights(cfg, ensemble, columns, rank, world,
                                              ensemble_root=ensemble_dir(cfg, ctx.testbed))
@@ -221,7 +223,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     agg = cfg.aggregate
     objective = aggregator(agg.name, uwo_lambda=agg.uwo_lambda, std_k=agg.std_k, variance=agg.variance, k=ensemble.k)
     extra = {"beta": d.beta, "loss_type": d.loss_type, "quality": data_info.get("quality", "user"),
-             **({"margin_aggregator": cfg.madpo.margin_aggregator} if cfg.method == "madpo" else {})}
+             **({"margin_aggregator": cfg.madpo.margin_aggregator} if margins else {})}
 
     def evaluate(step: int) -> None:
         point, samples = evaluate_policy(

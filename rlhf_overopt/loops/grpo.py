@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.config.plan import make_plan
 from rlhf_overopt.data.prompts import load_prompts, policy_path
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
@@ -69,7 +70,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     check_policy_dtype(cfg, info.device)  # before proxies train: a bf16 policy on a CPU is refused
     rank, stage = info.rank, cfg.deepspeed.zero_stage
     plan = make_plan(cfg, info.world_size)
-    variant = "rloo" if cfg.method == "rloo" else ("grpo" if g.std_normalize else "dr_grpo")
+    loo = METHODS[cfg.method].advantage == "leave_one_out"  # RLOO's baseline, else GRPO's group normalization
+    variant = "rloo" if loo else ("grpo" if g.std_normalize else "dr_grpo")
 
     # 0. models: tokenizer, prompts, proxies, gold, policy engine, frozen reference (no value model)
     path = policy_path(cfg, ctx.testbed)
@@ -135,7 +137,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, mask, p.kl_penalty_estimator).float().cpu()
             reward = score - g.kl_coef * seq_kl if g.kl_in == "reward" else score
             # 5. advantages within each group
-            if cfg.method == "rloo":
+            if loo:
                 advantages = leave_one_out_advantages(reward, plan.group_size)
             else:
                 advantages = group_advantages(reward, plan.group_size, std_normalize=g.std_normalize, eps=g.eps)

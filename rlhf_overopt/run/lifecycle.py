@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rlhf_overopt.config.experiment import Config
+from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.errors import InputError, NonFiniteError
 from rlhf_overopt.run import dist
 from rlhf_overopt.run.directory import RunDir, read_jsonl, summarize_curves, write_jsonl
@@ -66,7 +67,7 @@ class RunContext:
 
 
 def uses_testbed(cfg: Config) -> bool:
-    return cfg.method == "build_testbed" or "testbed" in (cfg.policy.path, cfg.gold.path, cfg.dpo.dataset)
+    return METHODS[cfg.method].builds_testbed or "testbed" in (cfg.policy.path, cfg.gold.path, cfg.dpo.dataset)
 
 
 def setup_logging(rank: int) -> None:

@@ -90,24 +90,24 @@ def describe(cfg: Config, world: int, stand_ins: dict[str, str] | None = None) -
              f"{world} rank(s), ZeRO-{cfg.deepspeed.zero_stage}, output_dir {cfg.output_dir}"]
     models: list[tuple[ModelInfo, str, bool]] = []  # (info, dtype, trained)
     sections = method.sections
-    if "policy" in sections and cfg.method != "build_testbed":
+    if "policy" in sections:
         policy = model_info("policy", cfg.policy.path, stand_ins, testbed_cfg=cfg.testbed)
-        trained = method.rollouts or cfg.method in ("dpo", "madpo")
+        trained = method.trains_policy
         models.append((policy, cfg.policy.dtype, trained))
         if trained:
             models.append((ModelInfo("reference (frozen initial policy)", policy.source, policy.architecture,
                                      policy.parameters, policy.context, policy.largest_layer), cfg.policy.dtype, False))
-        if method.rollouts and cfg.method not in ("grpo", "rloo"):
+        if method.value_model:
             heads = len(cfg.components.names) + 1 if method.composite else 1
             models.append((ModelInfo(f"value model ({heads} head(s))", policy.source, policy.architecture,
                                      policy.parameters, policy.context, policy.largest_layer), "float32", True))
-    if cfg.method == "scaling_law":
+    if "scaling" in sections:
         sizes = ", ".join(f"L{z.n_layer}-d{z.n_embd}" for z in cfg.scaling.proxy_sizes)
         lines.append(f"proxies: one per cell, sizes [{sizes}] x train_pairs {list(cfg.scaling.train_pairs)} "
                      f"({len(cfg.scaling.proxy_sizes) * len(cfg.scaling.train_pairs)} cells; proxy.k is not read), "
                      f"each scoring one pool of {cfg.eval.n_prompts} prompts x {cfg.scaling.pool_size}"
                      + (f" from {cfg.scaling.pool}" if cfg.scaling.pool else " sampled from the initial policy"))
-    elif "proxy" in sections and cfg.method not in ("build_testbed", "label_preferences"):
+    elif "proxy" in sections:
         if cfg.proxy.path:
             lines.append(f"proxies: loaded from {cfg.proxy.path}")
         else:
@@ -165,15 +165,15 @@ def _schedule(cfg: Config, world: int) -> list[str]:
                 f"{plan.total_updates} optimizer steps",
                 f"evaluations: {len(plan.eval_steps)} on {cfg.eval.n_prompts} held-out prompts "
                 f"({plan.eval_per_rank} per rank) at steps {_steps(plan.eval_steps)}; checkpoints at {_steps(plan.save_steps)}"]
-    if cfg.method == "bon":
+    if "bon" in method.sections:
         return [f"plan: {cfg.eval.n_prompts} eval prompts x pool {cfg.bon.pool_size} "
                 f"({cfg.eval.n_prompts * cfg.bon.pool_size} samples{', from ' + cfg.bon.pool if cfg.bon.pool else ''}),"
                 f" every n of the grid and aggregator from one scored pool"]
-    if cfg.method in ("dpo", "madpo"):
+    if "dpo" in method.sections:
         d = cfg.dpo
         return [f"plan: {d.epochs:g} epoch(s) of {d.dataset} pairs in batches of {d.batch_size}, "
                 f"{d.evals_per_epoch} evaluations per epoch on {cfg.eval.n_prompts} prompts"]
-    if cfg.method == "label_preferences":
+    if "label" in method.sections:
         lab = cfg.label
         return [f"plan: {lab.responses_per_prompt} responses per train prompt"
                 f"{'' if not lab.max_prompts else f' (first {lab.max_prompts} prompts)'}, label noise {lab.noise:g}, "
@@ -205,7 +205,7 @@ def check_sources(cfg: Config) -> None:
     refs = {}
     if "policy" in method.sections and cfg.policy.path != "testbed":
         refs["policy.path"] = cfg.policy.path
-    pool = cfg.method == "bon" and bool(cfg.bon.pool)
+    pool = "bon" in method.sections and bool(cfg.bon.pool)
     if "gold" in method.sections and cfg.gold.path != "testbed" and not pool:
         refs["gold.path"] = cfg.gold.path
     if "proxy" in method.sections and not cfg.proxy.path and cfg.proxy.backbone != "policy":
