@@ -136,6 +136,36 @@ def test_leave_one_out_advantages_hand():
                           4 / 3 * (r.view(3, 4) - r.view(3, 4).mean(1, keepdim=True)).reshape(-1), atol=1e-6)
 
 
+def test_constant_groups_get_exactly_zero_advantage():
+    """All-equal rewards have no learning signal; in float32 the group mean of 16 x 9.9 is an ulp off
+    (9.9 - mean = -9.5e-7) and the std of one such group ~1e-6, so (r - mean) / (std + 1e-4) gave
+    -0.0094 for every member (-0.37 at 1000.1), and RLOO's r_i - mean_{j != i} gave -6.1e-5 at 1000.1."""
+    from rlhf_overopt.ops.advantages import group_advantages, leave_one_out_advantages
+
+    for value in (9.9, 1000.1):
+        r = torch.full((16,), value)
+        assert torch.equal(group_advantages(r, 16), torch.zeros(16))
+        assert torch.equal(group_advantages(r, 16, std_normalize=False), torch.zeros(16))
+        assert torch.equal(leave_one_out_advantages(r, 16), torch.zeros(16))
+    # beside a varying group: the constant group is 0, the other one untouched (mean 2, std 1)
+    mixed = torch.tensor([9.9, 9.9, 9.9, 1.0, 2.0, 3.0])
+    assert torch.equal(group_advantages(mixed, 3, eps=0.0), torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0, 1.0]))
+
+
+def test_constant_group_fraction():
+    """One test, max == min, counts the groups with no learning signal. `std == 0` (the driver's old
+    test) missed a lone constant group: torch's std of one row of 16 x 9.9 is 9.8e-7, not 0."""
+    from rlhf_overopt.ops.advantages import constant_group_fraction, constant_groups
+
+    lone = torch.full((16,), 9.9)
+    assert float(constant_group_fraction(lone, 16)) == 1.0
+    assert float((lone.reshape(-1, 16).std(dim=1) == 0).float().mean()) == 0.0  # what the old test saw
+    # groups of 4: constant, varying, constant (1000.1), varying by one ulp-sized step -> 2 of 4
+    r = torch.tensor([9.9] * 4 + [0.0, 1.0, 2.0, 3.0] + [1000.1] * 4 + [5.0, 5.0, 5.0, 5.0000005])
+    assert constant_groups(r, 4).tolist() == [True, False, True, False]
+    assert float(constant_group_fraction(r, 4)) == 0.5
+
+
 def test_group_advantages_reject_partial_groups():
     from rlhf_overopt.ops.advantages import group_advantages, leave_one_out_advantages
 

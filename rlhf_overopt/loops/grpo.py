@@ -38,7 +38,7 @@ from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.config.plan import make_plan
 from rlhf_overopt.data.prompts import load_prompts, policy_path
 from rlhf_overopt.evaluate import EvalLog, evaluate_policy, score_proxies
-from rlhf_overopt.ops.advantages import group_advantages, leave_one_out_advantages
+from rlhf_overopt.ops.advantages import constant_group_fraction, group_advantages, leave_one_out_advantages
 from rlhf_overopt.ops.aggregate import aggregator
 from rlhf_overopt.ops.kl import sequence_kl
 from rlhf_overopt.ops.shaping import par_reward
@@ -141,7 +141,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 advantages = leave_one_out_advantages(reward, plan.group_size)
             else:
                 advantages = group_advantages(reward, plan.group_size, std_normalize=g.std_normalize, eps=g.eps)
-            constant_groups = (reward.reshape(-1, plan.group_size).std(dim=1) == 0).float().mean()
+            constant_groups = constant_group_fraction(reward, plan.group_size)  # groups without a learning signal
         # 6. update
         t1 = time.time()
         upd = group_update(actors.policy_engine, ro, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,

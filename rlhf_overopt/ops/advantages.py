@@ -1,4 +1,5 @@
-"""Generalized advantage estimation over response tokens."""
+"""Advantages: generalized advantage estimation over response tokens (PPO), and the group-relative
+advantages of GRPO and RLOO with the constant-group test they share."""
 
 import torch
 
@@ -90,7 +91,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, std_normalize: b
     over the G responses of the same prompt; with `std_normalize=False` the Dr. GRPO variant
     `A_i = r_i - mean(r_g)`, which drops the division that favours groups of near-equal rewards.
     std is the sample standard deviation (unbiased, as torch.std and the public implementations).
-    A group whose rewards are all equal gets zero advantage (no learning signal).
+    A group whose rewards are all equal (`constant_groups`) gets exactly zero advantage (no learning
+    signal): in float32 its mean and std are off by an ulp, and (r - mean) / (std + eps) would not be 0
+    (-0.0094 for 16 rewards of 9.9, -0.37 for 16 of 1000.1).
     Source: Shao et al. 2024, "DeepSeekMath", §4.1.2 (outcome supervision); Liu et al. 2025,
     "Understanding R1-Zero-Like Training: A Critical Perspective", §3.1.
     rewards: (B,) with the G responses of a prompt contiguous, B = n_groups * G. Returns (B,).
@@ -99,7 +102,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, std_normalize: b
     centred = groups - groups.mean(dim=1, keepdim=True)
     if std_normalize:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    return _zero_constant(centred, groups).reshape(-1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -107,11 +110,35 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     to the same prompt, `A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean(r_g))`.
     Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
     Learning from Human Feedback in LLMs", §3.2 (Kool et al. 2019's leave-one-out baseline).
+    A group whose rewards are all equal gets exactly zero advantage, as in `group_advantages`.
     rewards: (B,) with groups contiguous. Returns (B,).
     """
     groups = _grouped(rewards, group_size)
     others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).reshape(-1)
+    return _zero_constant(groups - others, groups).reshape(-1)
+
+
+def constant_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups have all rewards equal, `max(r_g) == min(r_g)`: the groups without a learning
+    signal in GRPO and RLOO (their advantage is 0 whatever the baseline). Tested exactly, not by
+    `std == 0` (a float32 std of equal values can be an ulp above 0).
+    rewards: (B,) with the G responses of a prompt contiguous. Returns (B / G,) bool.
+    """
+    groups = _grouped(rewards, group_size)
+    return groups.amax(dim=1) == groups.amin(dim=1)
+
+
+def constant_group_fraction(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fraction of groups whose rewards are all equal (`constant_groups`), a 0-d float tensor:
+    the share of the batch that gives no gradient (Shao et al. 2024; DAPO's dynamic sampling
+    filters such groups, Yu et al. 2025, §3.2). rewards: (B,) with groups contiguous."""
+    return constant_groups(rewards, group_size).float().mean()
+
+
+def _zero_constant(advantages: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(n_groups, G) advantages with the rows of constant groups set to exactly 0."""
+    constant = constant_groups(groups.reshape(-1), groups.shape[1]).unsqueeze(1)
+    return torch.where(constant, torch.zeros_like(advantages), advantages)
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
