@@ -19,10 +19,10 @@ one-rank evaluation of all prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ from rlhf_overopt.errors import check_finite
 from rlhf_overopt.ops.kl import sequence_kl
 from rlhf_overopt.ops.shaping import par_reward
 from rlhf_overopt.ops.signals import member_std, spearman
+from rlhf_overopt.records import EvalPoint, EvalSamples
+from rlhf_overopt.rewards.components import component_values
 from rlhf_overopt.rollout import generate, sequence_logprobs
 from rlhf_overopt.run import dist
 from rlhf_overopt.run.engines import gathered
@@ -52,51 +54,6 @@ def score_gold(gold, prompts: list[str], responses: list[str], ended: list[bool]
     gold_score = gold.score(prompts, responses, ended).float().cpu()
     check_finite(gold_score, "gold score", step)
     return gold_score
-
-
-@dataclass
-class EvalPoint:
-    """One evaluation of a policy on the held-out prompts: a curves.jsonl row.
-
-    `proxy_score` is the objective actually optimized before any shaping (the aggregated ensemble,
-    or for composite methods the weighted sum of the component scores): what gold-vs-proxy curves
-    compare; `proxy_shaped` the mean PAR-shaped score with aggregate.shaping=par (else absent);
-    `proxy_member_scores` every member's mean (members of all components, grouped by component);
-    `proxy_member_std` the mean over samples of the population std across members (within each
-    component, averaged), the ensemble disagreement (Coste et al. 2023); `proxy_gold_spearman`
-    the rank correlation of the per-sample proxy score and gold (None when either is constant);
-    `response_length` the mean response tokens.
-    """
-
-    method: str
-    step: int
-    kl: float
-    kl_estimator: str
-    proxy_score: float
-    proxy_member_scores: list[float]
-    proxy_member_std: float
-    gold_score: float
-    gold_stderr: float
-    aggregator: str
-    eos_rate: float
-    response_length: float
-    n_eval: int
-    components: dict[str, Any] = field(default_factory=dict)
-    """component_names, component_scores and (testbed gold) gold_components, for composite methods."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Method keys: kl_coef, beta, lagrange_multipliers, reward_weights, ..."""
-    proxy_gold_spearman: float | None = None
-    proxy_shaped: float | None = None
-
-    def row(self) -> dict[str, Any]:
-        return {"method": self.method, "step": self.step, "kl": self.kl, "sqrt_kl": math.sqrt(max(self.kl, 0.0)),
-                "kl_estimator": self.kl_estimator, "proxy_score": self.proxy_score,
-                "proxy_member_scores": self.proxy_member_scores, "proxy_member_std": self.proxy_member_std,
-                "proxy_gold_spearman": self.proxy_gold_spearman,
-                **({} if self.proxy_shaped is None else {"proxy_shaped": self.proxy_shaped}),
-                "gold_score": self.gold_score, "gold_stderr": self.gold_stderr, "aggregator": self.aggregator,
-                **self.components, "eos_rate": self.eos_rate, "response_length": self.response_length,
-                "n_eval": self.n_eval, **self.extra}
 
 
 @torch.no_grad()
@@ -123,74 +80,120 @@ def evaluate_policy(*, policy, reference, tokenizer, prompts: list[str], gold, e
         ref_logprobs = sequence_logprobs(reference, ro.query_ids, ro.query_mask, ro.response_ids,
                                          ro.response_mask, temperature=ev.temperature)
     kl = sequence_kl(ro.logprobs, ref_logprobs, ro.response_mask, ev.kl_estimator).float().cpu()
-    # 3. proxies and gold
+    # 3. proxies and gold, one typed record of this rank's samples
     ended = ro.ended.cpu().tolist()
     gold_score = score_gold(gold, ro.prompts, ro.responses, ended, step)
+    per_sample = {"kl": kl, "gold_score": gold_score, "response_length": ro.response_mask.sum(-1).float().cpu(),
+                  "ended": ro.ended.float().cpu()}
     if components is None:
         members, proxy_score = score_proxies(ensemble, aggregate_fn, ro.prompts, ro.responses, ended, step)
-        groups = [members.shape[0]]
-        per_sample_proxy = [proxy_score[:, None]]
-        if shaping_references is not None:
-            per_sample_proxy.append(par_reward(proxy_score, shaping_references.to(proxy_score.dtype))[:, None])
+        shaped = (None if shaping_references is None
+                  else par_reward(proxy_score, shaping_references.to(proxy_score.dtype)))
+        mine = EvalSamples(**per_sample, proxy_score=proxy_score, member_scores=members,
+                           member_names=list(ensemble.member_names), member_groups=[members.shape[0]],
+                           proxy_shaped=shaped)
     else:
+        if shaping_references is not None:
+            raise ValueError("shaping_references apply to an ensemble's aggregated score, not to components")
         members, component_scores = components.score(ro.prompts, ro.responses, ended, agg_cfg, step)
-        groups = components.member_counts
         parts = gold.components(ro.prompts, ro.responses, ended)
         # a model gold has no terms to split: its component columns are left out of the row
         has_terms = all(t in parts for g in components.terms for t in g.split("+"))
-        from rlhf_overopt.rewards.components import component_values
-
-        gold_parts = (component_values(parts, components.terms) if has_terms
-                      else torch.zeros(components.n, len(ro)))
-        if shaping_references is not None:
-            raise ValueError("shaping_references apply to an ensemble's aggregated score, not to components")
         # the objective per sample: the weighted sum of the component scores
         proxy_score = torch.tensor(component_weights, dtype=component_scores.dtype) @ component_scores
-        per_sample_proxy = [proxy_score[:, None], component_scores.T, gold_parts.T]
-    # 4. gather per-sample numbers from every rank
-    lengths = ro.response_mask.sum(-1).float().cpu()
-    per_sample = torch.cat([kl[:, None], gold_score[:, None], lengths[:, None], ro.ended.float().cpu()[:, None],
-                            *per_sample_proxy, members.T], dim=1)
-    every = dist.all_gather_cat(per_sample)
-    kl_all, gold_all = every[:, 0], every[:, 1]
-    members_all = every[:, every.shape[1] - members.shape[0]:]
-    stds = [member_std(g.T) for g in members_all.split(groups, dim=1)]
-    disagreement = float(torch.stack(stds).mean(0).mean())
-    # column 4 is the per-sample objective (before shaping) in both cases
-    proxy = float(every[:, 4].mean())
-    rho = spearman(every[:, 4], gold_all)
+        mine = EvalSamples(**per_sample, proxy_score=proxy_score, member_scores=members,
+                           member_names=[f"{c}/{m}" for c, e in zip(components.names, components.ensembles)
+                                         for m in e.member_names],
+                           member_groups=components.member_counts, component_names=list(components.names),
+                           component_scores=component_scores,
+                           gold_components=component_values(parts, components.terms) if has_terms else None)
+    # 4. gather every rank's samples, reduce them to one row
+    point = eval_point(gather_samples(mine), method=method, step=step, kl_estimator=ev.kl_estimator,
+                       aggregator=aggregator, component_weights=component_weights, extra=extra)
+    return point, sample_rows(mine, ro.prompts, ro.responses, step, ev.n_samples_logged)
+
+
+def gather_samples(mine: EvalSamples) -> EvalSamples:
+    """Every rank's samples in rank order, gathered field by field (identity in a one-process run)."""
+    def cat(t: torch.Tensor | None, sample_dim: int) -> torch.Tensor | None:
+        return None if t is None else dist.all_gather_cat(t.movedim(sample_dim, 0)).movedim(0, sample_dim)
+
+    return dataclasses.replace(
+        mine, kl=cat(mine.kl, 0), gold_score=cat(mine.gold_score, 0), response_length=cat(mine.response_length, 0),
+        ended=cat(mine.ended, 0), proxy_score=cat(mine.proxy_score, 0), member_scores=cat(mine.member_scores, 1),
+        proxy_shaped=cat(mine.proxy_shaped, 0), component_scores=cat(mine.component_scores, 1),
+        gold_components=cat(mine.gold_components, 1))
+
+
+def _sample_major(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of the named (B, w) blocks laid side by side in one row-major (B, sum w) table.
+
+    The means and stds of a row are taken on these views, not on the blocks themselves: torch sums a
+    strided column in another order than a contiguous vector (the last bits differ), and every curve
+    so far, results/ included, was reduced from this layout. Keeping it keeps those numbers exact.
+    """
+    table = torch.cat(list(blocks.values()), dim=1)
+    views, start = {}, 0
+    for name, block in blocks.items():
+        views[name] = table[:, start:start + block.shape[1]]
+        start += block.shape[1]
+    return views
+
+
+def eval_point(samples: EvalSamples, *, method: str, step: int, kl_estimator: str, aggregator: str,
+               component_weights: list[float] | None = None, extra: dict[str, Any] | None = None) -> EvalPoint:
+    """Reduce the samples of all ranks to one EvalPoint (a curves row); the same on every rank.
+
+    Composite methods' `proxy_score` is the weighted sum of the component means (`component_weights`).
+    """
+    blocks = {"kl": samples.kl[:, None], "gold_score": samples.gold_score[:, None],
+              "response_length": samples.response_length[:, None], "ended": samples.ended[:, None],
+              "proxy_score": samples.proxy_score[:, None]}
+    for name in ("proxy_shaped", "component_scores", "gold_components"):
+        t = getattr(samples, name)
+        if t is not None:
+            blocks[name] = t[:, None] if t.dim() == 1 else t.T
+    blocks["member_scores"] = samples.member_scores.T
+    view = _sample_major(blocks)
+    gold, objective, members = view["gold_score"][:, 0], view["proxy_score"][:, 0], view["member_scores"]
+    stds = [member_std(g.T) for g in members.split(samples.member_groups, dim=1)]
+    rho = spearman(objective, gold)
+    proxy = float(objective.mean())
     fields: dict[str, Any] = {}
-    shaped = None
-    if components is None:
-        if shaping_references is not None:
-            shaped = float(every[:, 5].mean())
-    else:
-        n = components.n
-        comp_mean = every[:, 5:5 + n].mean(0)
+    if samples.component_scores is not None:
+        comp_mean = view["component_scores"].mean(0)
         proxy = float((torch.tensor(component_weights, dtype=comp_mean.dtype) * comp_mean).sum())
-        fields = {"component_names": components.names, "component_scores": [float(v) for v in comp_mean],
-                  **({"gold_components": [float(v) for v in every[:, 5 + n:5 + 2 * n].mean(0)]} if has_terms else {})}
-    point = EvalPoint(
-        method=method, step=step, kl=float(kl_all.mean()), kl_estimator=ev.kl_estimator, proxy_score=proxy,
-        proxy_member_scores=[float(v) for v in members_all.mean(0)], proxy_member_std=disagreement,
-        gold_score=float(gold_all.mean()),
-        gold_stderr=float(gold_all.std() / math.sqrt(len(gold_all))) if len(gold_all) > 1 else 0.0,
-        aggregator=aggregator, eos_rate=float(every[:, 3].mean()), response_length=float(every[:, 2].mean()),
-        n_eval=int(len(gold_all)), components=fields, extra=dict(extra or {}),
-        proxy_gold_spearman=None if math.isnan(rho) else rho, proxy_shaped=shaped)
-    samples = []
-    for i in range(min(ev.n_samples_logged, len(ro))):
-        sample = {"step": step, "prompt": ro.prompts[i], "response": ro.responses[i], "ended": bool(ended[i]),
-                  "gold_score": float(gold_score[i])}
-        if components is None:
-            sample.update(proxy_score=float(proxy_score[i]), proxy_member_scores=[float(v) for v in members[:, i]])
-            if shaping_references is not None:
-                sample["proxy_shaped"] = float(per_sample_proxy[1][i, 0])
+        fields = {"component_names": samples.component_names, "component_scores": [float(v) for v in comp_mean]}
+        if samples.gold_components is not None:
+            fields["gold_components"] = [float(v) for v in view["gold_components"].mean(0)]
+    return EvalPoint(
+        method=method, step=step, kl=float(view["kl"][:, 0].mean()), kl_estimator=kl_estimator, proxy_score=proxy,
+        proxy_member_scores=[float(v) for v in members.mean(0)],
+        proxy_member_std=float(torch.stack(stds).mean(0).mean()), gold_score=float(gold.mean()),
+        gold_stderr=float(gold.std() / math.sqrt(len(gold))) if len(gold) > 1 else 0.0,
+        aggregator=aggregator, eos_rate=float(view["ended"][:, 0].mean()),
+        response_length=float(view["response_length"][:, 0].mean()), n_eval=len(gold), components=fields,
+        extra=dict(extra or {}), proxy_gold_spearman=None if math.isnan(rho) else rho,
+        proxy_shaped=None if samples.proxy_shaped is None else float(view["proxy_shaped"][:, 0].mean()))
+
+
+def sample_rows(mine: EvalSamples, prompts: list[str], responses: list[str], step: int,
+                n: int) -> list[dict[str, Any]]:
+    """samples.jsonl rows of this rank's first `n` samples."""
+    rows = []
+    for i in range(min(n, len(mine))):
+        row = {"step": step, "prompt": prompts[i], "response": responses[i], "ended": bool(mine.ended[i]),
+               "gold_score": float(mine.gold_score[i])}
+        if mine.component_scores is None:
+            row.update(proxy_score=float(mine.proxy_score[i]),
+                       proxy_member_scores=[float(v) for v in mine.member_scores[:, i]])
+            if mine.proxy_shaped is not None:
+                row["proxy_shaped"] = float(mine.proxy_shaped[i])
         else:
-            sample["component_scores"] = [float(v) for v in component_scores[:, i]]
-        sample["kl"] = float(kl[i])
-        samples.append(sample)
-    return point, samples
+            row["component_scores"] = [float(v) for v in mine.component_scores[:, i]]
+        row["kl"] = float(mine.kl[i])
+        rows.append(row)
+    return rows
 
 
 class EvalLog:
@@ -204,8 +207,8 @@ class EvalLog:
         self.run, self.tracker = run, tracker
         self.gold_initial = next((r["gold_score"] for r in run.curves() if r["step"] == 0), None)
 
-    def record(self, point: EvalPoint | dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
-        row = point.row() if isinstance(point, EvalPoint) else dict(point)
+    def record(self, point: EvalPoint, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        row = point.row()
         if self.gold_initial is None:
             self.gold_initial = row["gold_score"]
         row["gold_score_initial"] = self.gold_initial

@@ -17,6 +17,7 @@ import torch
 
 from rlhf_overopt.ops.aggregate import aggregate
 from rlhf_overopt.ops.bon import bon_expected, bon_kl, expected_under, kl_pool, merged_kl, soft_bon_probs
+from rlhf_overopt.run.directory import curve_row
 
 
 def n_grid(pool_size: int, configured: list[int] = ()) -> list[int]:
@@ -115,26 +116,25 @@ def bon_curve_rows(member_scores: torch.Tensor, gold: torch.Tensor, aggregators:
         for g, n in enumerate(grid):
             pool_kl = float(kl_at[g].mean())
             kl = float(bon_kl(n)) if analytic else pool_kl
-            row = {
-                "method": "bon",
-                "aggregator": name,
-                "n": n,
-                "step": n,
-                "kl": kl,
-                "sqrt_kl": math.sqrt(kl),
-                "kl_pool": pool_kl,
-                "sqrt_kl_pool": math.sqrt(pool_kl),
-                "proxy_score": float(at["proxy"][g].mean()),
-                "proxy_member_scores": [float(at["members"][i, g].mean()) for i in range(k)],
-                "proxy_member_std": float(at["member_std"][g].mean()),
-                "gold_score": float(at["gold"][g].mean()),
-                "gold_stderr": float(at["gold"][g].std() / math.sqrt(n_prompts)) if n_prompts > 1 else 0.0,
-                "gold_score_initial": float(gold.mean()),
-                "uwo_lambda": uwo_lambda,
-                "pool_size": pool,
-                "n_prompts": n_prompts,
+            row = curve_row(
+                method="bon",
+                step=n,
+                kl=kl,
+                proxy_score=float(at["proxy"][g].mean()),
+                proxy_member_scores=[float(at["members"][i, g].mean()) for i in range(k)],
+                gold_score=float(at["gold"][g].mean()),
+                aggregator=name,
+                n=n,
+                kl_pool=pool_kl,
+                sqrt_kl_pool=math.sqrt(pool_kl),
+                proxy_member_std=float(at["member_std"][g].mean()),
+                gold_stderr=float(at["gold"][g].std() / math.sqrt(n_prompts)) if n_prompts > 1 else 0.0,
+                gold_score_initial=float(gold.mean()),
+                uwo_lambda=uwo_lambda,
+                pool_size=pool,
+                n_prompts=n_prompts,
                 **extra,
-            }
+            )
             if "length" in at:
                 row["response_length"] = float(at["length"][g].mean())
             out.append(row)

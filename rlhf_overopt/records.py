@@ -1,8 +1,8 @@
 """Typed records passed between pipeline stages.
 
 ```
-prompts ─▶ rollout ─▶ proxy ensemble ─▶ aggregate ─▶ update ─▶ gold eval
-PromptBatch  Rollout
+prompts ─▶ rollout ─▶ proxy ensemble ─▶ aggregate ─▶ update ─▶ gold eval ─▶ curves.jsonl
+PromptBatch  Rollout                                          EvalSamples    EvalPoint
 ```
 
 Padding conventions, relied on by every stage:
@@ -16,9 +16,12 @@ padding from token ids).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from rlhf_overopt.run.directory import curve_row
 
 Index = int | slice | Sequence[int] | torch.Tensor
 
@@ -226,3 +229,102 @@ class Rollout:
             pad_token_id=pad,
             temperature=first.temperature,
         )
+
+
+@dataclass
+class EvalSamples:
+    """Per-sample numbers of one gold evaluation: this rank's B samples, or every rank's once gathered
+    (`rlhf_overopt.evaluate.gather_samples`, field by field).
+
+    `proxy_score` is the objective the method optimizes before any shaping: the aggregated ensemble,
+    or for composite methods the weighted sum of the component scores.
+    """
+
+    kl: torch.Tensor
+    """(B,) float, KL(pi || pi_init) of each sequence, summed over its response tokens."""
+    gold_score: torch.Tensor
+    """(B,) float."""
+    response_length: torch.Tensor
+    """(B,) float, response tokens (EOS included)."""
+    ended: torch.Tensor
+    """(B,) float 0/1, whether the response contains EOS."""
+    proxy_score: torch.Tensor
+    """(B,) float, the objective before shaping."""
+    member_scores: torch.Tensor
+    """(K, B) float, every proxy member's score (the members of all components, grouped by component)."""
+    member_names: list[str]
+    """K names, in `member_scores` row order (`component/member` for composite methods)."""
+    member_groups: list[int]
+    """Members per component, summing to K ([K] for one ensemble): disagreement is measured within each."""
+    proxy_shaped: torch.Tensor | None = None
+    """(B,) float, the PAR-shaped objective with aggregate.shaping=par, else None."""
+    component_names: list[str] = field(default_factory=list)
+    """N component names (composite methods), else empty."""
+    component_scores: torch.Tensor | None = None
+    """(N, B) float, each component's aggregated proxy score (composite methods), else None."""
+    gold_components: torch.Tensor | None = None
+    """(N, B) float, the gold's terms summed per component (a testbed gold has terms), else None."""
+
+    def __post_init__(self) -> None:
+        b = self.gold_score.shape[0]
+        for name in ("kl", "gold_score", "response_length", "ended", "proxy_score", "proxy_shaped"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (b,):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(b,)}")
+        k = len(self.member_names)
+        if tuple(self.member_scores.shape) != (k, b) or sum(self.member_groups) != k:
+            raise ValueError(f"member_scores {tuple(self.member_scores.shape)} do not match {k} member names "
+                             f"in groups {self.member_groups} over {b} samples")
+        n = len(self.component_names)
+        for name in ("component_scores", "gold_components"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (n, b):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(n, b)}")
+
+    def __len__(self) -> int:
+        return self.gold_score.shape[0]
+
+
+@dataclass
+class EvalPoint:
+    """One evaluation of a policy on the held-out prompts: a curves.jsonl row.
+
+    `proxy_score` is the objective actually optimized before any shaping (the aggregated ensemble,
+    or for composite methods the weighted sum of the component scores): what gold-vs-proxy curves
+    compare; `proxy_shaped` the mean PAR-shaped score with aggregate.shaping=par (else absent);
+    `proxy_member_scores` every member's mean (members of all components, grouped by component);
+    `proxy_member_std` the mean over samples of the population std across members (within each
+    component, averaged), the ensemble disagreement (Coste et al. 2023); `proxy_gold_spearman`
+    the rank correlation of the per-sample proxy score and gold (None when either is constant);
+    `response_length` the mean response tokens.
+    """
+
+    method: str
+    step: int
+    kl: float
+    kl_estimator: str
+    proxy_score: float
+    proxy_member_scores: list[float]
+    proxy_member_std: float
+    gold_score: float
+    gold_stderr: float
+    aggregator: str
+    eos_rate: float
+    response_length: float
+    n_eval: int
+    components: dict[str, Any] = field(default_factory=dict)
+    """component_names, component_scores and (testbed gold) gold_components, for composite methods."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Method keys: kl_coef, beta, lagrange_multipliers, reward_weights, ..."""
+    proxy_gold_spearman: float | None = None
+    proxy_shaped: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        return curve_row(method=self.method, step=self.step, kl=self.kl, proxy_score=self.proxy_score,
+                         proxy_member_scores=self.proxy_member_scores, gold_score=self.gold_score,
+                         kl_estimator=self.kl_estimator, proxy_member_std=self.proxy_member_std,
+                         proxy_gold_spearman=self.proxy_gold_spearman,
+                         **({} if self.proxy_shaped is None else {"proxy_shaped": self.proxy_shaped}),
+                         gold_stderr=self.gold_stderr, aggregator=self.aggregator, **self.components,
+                         eos_rate=self.eos_rate, response_length=self.response_length, n_eval=self.n_eval,
+                         **self.extra)

@@ -44,7 +44,7 @@ from rlhf_overopt.ops.scaling import (
 from rlhf_overopt.pool import n_grid, read_scored_pool
 from rlhf_overopt.rewards.cache import ensure_proxies, split_prefs
 from rlhf_overopt.run import dist
-from rlhf_overopt.run.directory import RunDir, atomic_write_bytes, atomic_write_json, file_lock
+from rlhf_overopt.run.directory import RunDir, atomic_write_bytes, atomic_write_json, curve_row, file_lock
 from rlhf_overopt.run.lifecycle import RunContext
 from rlhf_overopt.run.tracking import Tracker
 
@@ -203,22 +203,21 @@ def _curve_rows(record: dict, objective: torch.Tensor, gold: torch.Tensor, grid:
     for g, n in enumerate(grid):
         kl = float(bon_kl(n))
         proxy = float(proxy_at[g].mean())
-        rows.append({
-            "method": "scaling_law",
-            "aggregator": record["label"],  # one curve per cell (the row grouping of analysis and summaries)
+        rows.append(curve_row(
+            method="scaling_law",
+            step=n,
+            kl=kl,
+            proxy_score=proxy,
+            proxy_member_scores=[proxy],
+            gold_score=float(gold_at[g].mean()),
+            aggregator=record["label"],  # one curve per cell (the row grouping of analysis and summaries)
             **cell,
-            "n": n,
-            "step": n,
-            "kl": kl,
-            "sqrt_kl": math.sqrt(kl),
-            "proxy_score": proxy,
-            "proxy_member_scores": [proxy],
-            "gold_score": float(gold_at[g].mean()),
-            "gold_stderr": float(gold_at[g].std() / math.sqrt(n_prompts)) if n_prompts > 1 else 0.0,
-            "gold_score_initial": float(gold.mean()),
-            "pool_size": pool_size,
-            "n_prompts": n_prompts,
-        })
+            n=n,
+            gold_stderr=float(gold_at[g].std() / math.sqrt(n_prompts)) if n_prompts > 1 else 0.0,
+            gold_score_initial=float(gold.mean()),
+            pool_size=pool_size,
+            n_prompts=n_prompts,
+        ))
     return rows
 
 

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import yaml
 
@@ -36,7 +37,23 @@ CURVE_REQUIRED_KEYS = (
     "proxy_member_scores",
     "gold_score",
 )
-"""Keys every curves.jsonl row carries; never renamed once landed."""
+"""Keys every curves.jsonl row carries; never renamed once landed. Declared here only: the writer's
+check (`check_curve_row`), the row builder (`curve_row`) and analysis/ read this tuple."""
+
+
+def curve_row(*, method: str, step: int, kl: float, proxy_score: float, proxy_member_scores: list[float],
+              gold_score: float, **keys: Any) -> dict[str, Any]:
+    """One curves.jsonl row: the required keys in CURVE_REQUIRED_KEYS order, then the method's `keys`.
+
+    The one place a row is made (evaluations, best-of-n pools, scaling-law cells), so every row
+    derives `sqrt_kl` = sqrt(max(kl, 0)) the same way. `kl` in nats; `proxy_score` the aggregated
+    objective; `proxy_member_scores` the K member means; `gold_score` the mean gold.
+    """
+    clash = [k for k in keys if k in CURVE_REQUIRED_KEYS]
+    if clash:
+        raise TypeError(f"curve_row: {', '.join(clash)} are required keys; pass them by name (sqrt_kl is derived)")
+    return {"method": method, "step": step, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)), "proxy_score": proxy_score,
+            "proxy_member_scores": proxy_member_scores, "gold_score": gold_score, **keys}
 
 LIBRARIES = ("torch", "transformers", "trl", "deepspeed", "datasets", "wandb", "peft", "numpy", "tokenizers")
 
@@ -124,7 +141,7 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
