@@ -50,6 +50,7 @@ from matplotlib.lines import Line2D
 from analysis.load import CONFIG_FILE, CURVES_FILE, SUMMARY_FILE, MalformedLineWarning, load_for_cli
 from rlhf_overopt.config.methods import COMPOSITE_METHODS, METHODS
 from rlhf_overopt.ops.constrained import hypervolume, pareto_mask
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -58,7 +59,8 @@ NM_PATH_FILE = "nm_path.jsonl"
 REFERENCE_OFFSET = 1.0
 """Default hypervolume reference: the first run's step-0 component scores minus this."""
 
-_REQUIRED_KEYS = ("step", "kl", "gold_score")
+_NUMBERS_READ = ("step", "kl", "gold_score")
+"""Required keys (CURVE_REQUIRED_KEYS) this report reads as numbers."""
 # Line style and marker per component (index mod length); plain "--" is kept for thresholds.
 _COMPONENT_STYLES: tuple[Any, ...] = ("-", "-.", ":", (0, (3, 1, 1, 1, 1, 1)))
 _COMPONENT_MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -232,7 +234,8 @@ def load_composite(run_dir: str | Path, max_step: int | None = None) -> Composit
                 f"{where}: row has no 'component_scores' (method {row.get('method')!r} is not a "
                 f"composite-reward run; expected one of {', '.join(COMPOSITE_METHODS)})"
             )
-        missing = [key for key in _REQUIRED_KEYS if not _is_number(row.get(key))]
+        missing = [key for key in CURVE_REQUIRED_KEYS
+                   if key not in row or (key in _NUMBERS_READ and not _is_number(row[key]))]
         if missing:
             raise ValueError(f"{where}: missing or non-numeric {', '.join(repr(k) for k in missing)}")
         scores = row["component_scores"]

@@ -12,7 +12,8 @@ that the initial policy scores 0. The baseline is the row key ``gold_score_initi
 carries it, otherwise the gold score of the curve's row with the smallest KL (n = 1 for best-of-n,
 step 0 for RL). The proxy is shifted the same way, always by its smallest-KL row.
 
-This module reads plain files only; it never imports training code.
+This module reads plain files only; of the package it imports just the curves row's required keys,
+declared once in :mod:`rlhf_overopt.run.directory` beside the writer that checks them.
 """
 
 from __future__ import annotations
@@ -30,22 +31,14 @@ import numpy as np
 import numpy.typing as npt
 import yaml
 
+from rlhf_overopt.run.directory import CURVE_REQUIRED_KEYS
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 CURVES_FILE = "curves.jsonl"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-
-REQUIRED_KEYS: tuple[str, ...] = (
-    "method",
-    "step",
-    "kl",
-    "sqrt_kl",
-    "proxy_score",
-    "proxy_member_scores",
-    "gold_score",
-)
 
 # Config sections searched for a run-level coefficient when the rows do not carry it.
 # MADPO reuses the DPO section for beta in configs that do not repeat it.
@@ -299,7 +292,7 @@ def _parse_row(line: str) -> tuple[dict[str, Any] | None, str]:
         return None, f"invalid JSON: {err.msg}"
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
-    missing = [key for key in REQUIRED_KEYS if key not in row]
+    missing = [key for key in CURVE_REQUIRED_KEYS if key not in row]
     if missing:
         return None, f"missing key(s) {', '.join(missing)}"
     if not isinstance(row["method"], str):

@@ -43,6 +43,8 @@ def _write_run(
             "step": step,
             "kl": 0.5 * step,
             "sqrt_kl": (0.5 * step) ** 0.5,
+            "proxy_score": sum(comps) / len(comps),
+            "proxy_member_scores": comps,
             "gold_score": gold,
             "gold_stderr": 0.01,
             "component_names": NAMES,
