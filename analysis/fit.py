@@ -7,9 +7,11 @@ With d = sqrt(KL(pi || pi_init)) and gold score R measured relative to the initi
     RL:         R_rl(d)  = d * (alpha - beta * log d)
 
 Both forms are linear in (alpha, beta), so they are fitted by exact linear least squares
-(:func:`numpy.linalg.lstsq`) instead of an iterative curve fit: the minimiser of the sum of
-squared residuals is unique whenever the two basis columns are linearly independent, and no
-starting point or convergence tolerance is involved.
+instead of an iterative curve fit: the minimiser of the sum of squared residuals is unique
+whenever the two basis columns are linearly independent, and no starting point or convergence
+tolerance is involved. The best-of-n fit and its peak are the package's
+(:func:`rlhf_overopt.ops.scaling.fit_bon_form`, called with ``nonfinite="skip"``, and
+:func:`rlhf_overopt.ops.scaling.bon_peak`); the RL form is fitted here (:func:`numpy.linalg.lstsq`).
 
 All functions here are pure: arrays and scalars in, arrays, scalars or dicts out.
 """
@@ -92,27 +94,6 @@ def _fit_linear(basis: FloatArray, r: FloatArray, name: str) -> tuple[float, flo
     return float(coef[0]), float(coef[1])
 
 
-def fit_bon(d: npt.ArrayLike, r: npt.ArrayLike) -> FitResult:
-    """Fit R_bon(d) = d (alpha - beta d) = alpha d - beta d^2 (Gao et al. 2022, eq. 1).
-
-    Exact linear least squares on the basis columns (d, -d^2) with numpy.linalg.lstsq.
-    Points with a non-finite d or r are ignored.
-
-    Args:
-        d: (T,) sqrt(KL) of each point, >= 0.
-        r: (T,) gold score relative to the initial policy.
-
-    Returns:
-        (alpha, beta, r2) with r2 = 1 - SS_res/SS_tot of the fitted form on the used points.
-
-    Raises:
-        ValueError: fewer than 2 usable points, or fewer than 2 distinct non-zero d values.
-    """
-    d_arr, r_arr = _clean(d, r)
-    alpha, beta = _fit_linear(np.column_stack([d_arr, -(d_arr**2)]), r_arr, "fit_bon")
-    return FitResult(alpha, beta, r_squared(r_arr, bon_form(d_arr, alpha, beta)))
-
-
 def fit_rl(d: npt.ArrayLike, r: npt.ArrayLike) -> FitResult:
     """Fit R_rl(d) = d (alpha - beta log d) = alpha d - beta d log d (Gao et al. 2022, eq. 2).
 
@@ -135,16 +116,6 @@ def fit_rl(d: npt.ArrayLike, r: npt.ArrayLike) -> FitResult:
     d_arr, r_arr = _clean(d, r)
     alpha, beta = _fit_linear(np.column_stack([d_arr, -_d_log_d(d_arr)]), r_arr, "fit_rl")
     return FitResult(alpha, beta, r_squared(r_arr, rl_form(d_arr, alpha, beta)))
-
-
-def predicted_peak_bon(alpha: float, beta: float) -> float:
-    """Distance of the gold peak of R_bon: d* = alpha / (2 beta), from dR/dd = alpha - 2 beta d = 0.
-
-    Returns inf when beta <= 0: the fitted gold never turns down.
-    """
-    if beta <= 0:
-        return math.inf
-    return alpha / (2.0 * beta)
 
 
 def predicted_peak_rl(alpha: float, beta: float) -> float:

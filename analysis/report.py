@@ -25,6 +25,7 @@ W&B upload cannot run.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -36,22 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from analysis.fit import (
-    FitResult,
-    fit_bon,
-    fit_rl,
-    predicted_peak_bon,
-    predicted_peak_rl,
-)
+from analysis.fit import fit_rl, predicted_peak_rl
 from analysis.load import Curve, RunDirError, load_for_cli, load_runs
 from analysis.plots import FittedForm, plot_frontier, plot_member_spread, plot_method_curves
 from rlhf_overopt.config.methods import fit_form
+from rlhf_overopt.ops.scaling import bon_peak, fit_bon_form
 
 FORMS = ("auto", "bon", "rl")
 X_KEYS = ("kl", "kl_pool")
 """Row keys the KL axis can be read from (``--x``)."""
-_FITTERS: dict[str, tuple[Callable[[Any, Any], FitResult], Callable[[float, float], float]]] = {
-    "bon": (fit_bon, predicted_peak_bon),
+_FITTERS: dict[str, tuple[Callable[[Any, Any], tuple[float, float, float]], Callable[[float, float], float]]] = {
+    "bon": (functools.partial(fit_bon_form, nonfinite="skip"), bon_peak),
     "rl": (fit_rl, predicted_peak_rl),
 }
 

@@ -69,15 +69,19 @@ def test_bon_form_fit_peak_and_gain_on_hand_worked_numbers():
         fit_bon_form([0.0, 1.0], [0.0, 0.3])  # one non-zero d cannot fix both coefficients
 
 
-def test_bon_form_fit_equals_the_analysis_fit():
-    from analysis.fit import fit_bon
-
-    g = torch.Generator().manual_seed(0)
-    d = torch.rand(9, generator=g, dtype=torch.float64) * 3
-    r = d * (0.7 - 0.2 * d) + 0.05 * torch.randn(9, generator=g, dtype=torch.float64)
-    ours, theirs = fit_bon_form(d, r), fit_bon(d.numpy(), r.numpy())
-    assert ours.alpha == pytest.approx(theirs.alpha) and ours.beta == pytest.approx(theirs.beta)
-    assert ours.r2 == pytest.approx(theirs.r2)
+def test_bon_form_fit_recovers_known_coefficients_and_states_its_nonfinite_policy():
+    # data generated from alpha = 0.7, beta = 0.2: the fit returns them with R^2 = 1
+    d = [0.5, 1.0, 2.0, 3.0]
+    r = [di * (0.7 - 0.2 * di) for di in d]  # 0.3, 0.5, 0.6, 0.3
+    fit = fit_bon_form(d, r)
+    assert (fit.alpha, fit.beta, fit.r2) == (pytest.approx(0.7), pytest.approx(0.2), pytest.approx(1.0))
+    # a hole in a curve read back from disk: "skip" fits the finite points, the default raises
+    holed_d, holed_r = [*d, math.nan, 4.0], [*r, 0.1, math.inf]
+    assert fit_bon_form(holed_d, holed_r, nonfinite="skip") == fit
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_bon_form(holed_d, holed_r)
+    with pytest.raises(ValueError, match="nonfinite"):
+        fit_bon_form(d, r, nonfinite="drop")
 
 
 @pytest.mark.parametrize("n_layer,n_embd,n_head,vocab,positions", [(1, 32, 1, 400, 128), (3, 48, 2, 1025, 64)])

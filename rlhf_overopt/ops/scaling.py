@@ -5,14 +5,14 @@ With d = sqrt(KL(pi_bon || pi_init)) and gold measured relative to the initial p
 the best-of-n form is `R_bon(d) = d (alpha - beta d)` (Gao et al. 2022, eq. 1); Gao et al. report
 that alpha and beta vary smoothly, about linearly in log(parameter count) and log(data size).
 Everything here is pure: tensors or floats in, floats out; least squares in float64 with
-`torch.linalg.lstsq`, exact (no iterative fit).
+`torch.linalg.lstsq`, exact (no iterative fit). analysis/ fits best-of-n curves with these too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -61,17 +61,31 @@ def _lstsq(basis: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
     return torch.linalg.lstsq(basis, y[:, None], driver="gelsd").solution[:, 0]
 
 
-def fit_bon_form(d: Sequence[float] | torch.Tensor, r: Sequence[float] | torch.Tensor) -> BonFit:
+def fit_bon_form(d: Sequence[float] | torch.Tensor, r: Sequence[float] | torch.Tensor, *,
+                 nonfinite: Literal["raise", "skip"] = "raise") -> BonFit:
     """Fit R_bon(d) = d (alpha - beta d) = alpha d - beta d^2 (Gao et al. 2022, eq. 1).
 
-    Linear least squares on the basis (d, -d^2); no intercept, since R(0) = 0 by construction.
+    The one best-of-n fitter (the scaling-law driver and analysis/ both call it). The form is linear
+    in (alpha, beta), so its least-squares fit is exact linear least squares on the basis (d, -d^2)
+    (`torch.linalg.lstsq`, float64): a unique minimiser, no starting point or tolerance, which an
+    iterative curve fit would only approach. No intercept, since R(0) = 0 by construction.
     d: (T,) sqrt(KL) >= 0; r: (T,) gold relative to the initial policy (for best-of-n: gold at n
-    minus the pool's mean gold, which is gold at n = 1). Raises ValueError with fewer than two
-    distinct non-zero d values.
+    minus the pool's mean gold, which is gold at n = 1).
+    nonfinite: a point whose d or r is NaN or inf raises ValueError ("raise": a curve this run just
+    computed must be finite) or is left out of the fit and of R^2 ("skip": curves read back from
+    run directories, where a missing value is a hole, not an error).
+    Raises ValueError with fewer than two distinct non-zero d values among the points used.
     """
-    d_t, r_t = _as_float64(d, "d"), _as_float64(r, "r")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    d_t = torch.as_tensor(d, dtype=torch.float64).reshape(-1)
+    r_t = torch.as_tensor(r, dtype=torch.float64).reshape(-1)
     if d_t.shape != r_t.shape:
         raise ValueError(f"d and r differ in length: {d_t.numel()} vs {r_t.numel()}")
+    if nonfinite == "skip":
+        keep = torch.isfinite(d_t) & torch.isfinite(r_t)
+        d_t, r_t = d_t[keep], r_t[keep]
+    d_t, r_t = _as_float64(d_t, "d"), _as_float64(r_t, "r")
     if bool((d_t < 0).any()):
         raise ValueError("d = sqrt(KL) must be non-negative")
     coef = _lstsq(torch.stack([d_t, -(d_t**2)], dim=1), r_t, "fit_bon_form")
