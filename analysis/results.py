@@ -1,15 +1,17 @@
-"""The records behind the README's numbers, and the README regenerated from them.
+"""The records behind the documentation's numbers, and the generated pages regenerated from them.
 
     python -m analysis.results --collect NAME RUN_OR_SWEEP_DIR ...   copy a run's small records into results/NAME/
-    python -m analysis.results --write                               README tables (between markers) and figures
-    python -m analysis.results --check                               exit 1 when the README differs from the records
+    python -m analysis.results --write                               every generated block of docs/ and the figures
+    python -m analysis.results --check                               exit 1 when a page under docs/ differs
 
 `results/experiments.yaml` lists each experiment: the command that remakes its runs, where its
 records are, how its table is built, and its figure. A record is what a run directory holds that
 is small — `config.yaml` (resolved config with git SHA and library versions), `curves.jsonl`,
-`summary.json` — never checkpoints or weights. The README holds each table between
-`<!-- results:NAME -->` and `<!-- /results:NAME -->`; `--check` rebuilds every table from
-results/ and compares, so a number typed into the README by hand fails it.
+`summary.json` — never checkpoints or weights. Each table lives between `<!-- results:NAME -->` and
+`<!-- /results:NAME -->` in exactly one page under docs/ (whichever page holds the markers); the
+configuration reference lives between `<!-- generated:config -->` markers, built from the config
+dataclasses. `--check` rebuilds every block and compares, so a number typed into a page by hand, or a
+config key added without its page, fails it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rlhf_overopt.config.methods import fit_form
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 RECORD_FILES = ("config.yaml", "curves.jsonl", "summary.json", "scaling.json", "thresholds.json")
 
 
@@ -534,57 +536,105 @@ FIGURES = {"rl_seeds": rl_seeds_figure, "bon_seeds": bon_seeds_figure, "scaling_
            "proxy_points": proxy_points_figure}
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+def config_reference() -> str:
+    """Every config key (`rlhf_overopt.config.experiment.field_docs`, what `launch/train.py --list-keys`
+    prints): one table per section, headed by the section dataclass's docstring."""
+    import dataclasses
+    import typing
+
+    from rlhf_overopt.config.experiment import Config, field_docs
+
+    hints = typing.get_type_hints(Config)
+    sections = {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    groups: dict[str, list[tuple[str, str, object, str]]] = {}
+    for key, tp, default, doc in field_docs():
+        groups.setdefault(key.split(".")[0] if "." in key else "", []).append((key, tp, default, doc))
+    lines = [f"{sum(map(len, groups.values()))} keys in {len(groups)} sections.", ""]
+    for head, rows in groups.items():
+        lines.append(f"## `{head}`" if head else "## Top level")
+        doc = (sections[head].__doc__ or "").strip().split("\n\n")[0] if head else ""
+        if doc and not doc.startswith(sections[head].__name__ + "("):  # not dataclass's generated signature
+            lines += ["", _cell(" ".join(doc.split()))]
+        lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{key}` | {_cell(tp)} | `{default!r}` | {_cell(doc)} |" for key, tp, default, doc in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
-def readme_block(text: str, name: str) -> str | None:
-    """The README text between an experiment's markers, or None when it has none."""
-    start, end = _markers(name)
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell: code spans kept, `|` `<` `*` `_` escaped outside them."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # outside code spans
+        parts[i] = (parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_")
+                    .replace("<", "&lt;").replace(">", "&gt;"))
+    return "`".join(parts).replace("|", "\\|")
+
+
+def _markers(name: str, family: str = "results") -> tuple[str, str]:
+    return f"<!-- {family}:{name} -->", f"<!-- /{family}:{name} -->"
+
+
+def read_block(text: str, name: str, family: str = "results") -> str | None:
+    """A page's text between a block's markers, or None when it has none."""
+    start, end = _markers(name, family)
     if start not in text or end not in text:
         return None
     return text[text.index(start) + len(start):text.index(end)].strip("\n")
 
 
-def replace_block(text: str, name: str, table: str) -> str:
-    start, end = _markers(name)
+def replace_block(text: str, name: str, table: str, family: str = "results") -> str:
+    start, end = _markers(name, family)
     i, j = text.index(start) + len(start), text.index(end)
     return text[:i] + "\n" + table.strip("\n") + "\n" + text[j:]
+
+
+def generated_blocks(results: Path = RESULTS) -> list[tuple[str, str, str, dict | None]]:
+    """(family, name, the block's text, the experiment's spec or None) for every generated block."""
+    blocks = [("generated", "config", config_reference(), None)]
+    for name, spec in experiments(results).items():
+        spec = {"name": name, **spec}
+        blocks.append(("results", name, TABLES[spec["kind"]](spec, results), spec))
+    return blocks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.results", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--collect", nargs="+", metavar=("NAME", "DIR"), help="copy run records into results/NAME")
-    group.add_argument("--write", action="store_true", help="regenerate the README tables and the figures")
-    group.add_argument("--check", action="store_true", help="fail when the README differs from the records")
-    parser.add_argument("--readme", default=str(README), help=argparse.SUPPRESS)
+    group.add_argument("--write", action="store_true", help="regenerate the pages' generated blocks and the figures")
+    group.add_argument("--check", action="store_true", help="fail when a page under docs/ differs from what it is made from")
+    parser.add_argument("--docs", default=str(DOCS), help=argparse.SUPPRESS)
     parser.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    results, readme = Path(args.results), Path(args.readme)
+    results, docs = Path(args.results), Path(args.docs)
     if args.collect:
         name, *sources = args.collect
         copied = collect(name, sources, results)
         print(f"{len(copied)} run(s) recorded in {results / name}")
         return 0 if copied else 2
-    text = readme.read_text(encoding="utf-8")
+    pages = {p: p.read_text(encoding="utf-8") for p in sorted(docs.rglob("*.md"))}
     failures = []
-    for name, spec in experiments(results).items():
-        spec = {"name": name, **spec}
-        table = TABLES[spec["kind"]](spec, results)
-        block = readme_block(text, name)
-        if block is None:
-            failures.append(f"{name}: the README has no {_markers(name)[0]} ... {_markers(name)[1]} block")
+    for family, name, table, spec in generated_blocks(results):
+        start, end = _markers(name, family)
+        holders = [p for p, text in pages.items() if read_block(text, name, family) is not None]
+        where = ", ".join(str(p.relative_to(docs)) for p in holders)
+        if len(holders) != 1:
+            failures.append(f"{name}: {len(holders)} pages under {docs} hold a {start} ... {end} block"
+                            + (f" ({where})" if holders else "") + "; exactly one must")
             continue
+        page = holders[0]
         if args.write:
-            text = replace_block(text, name, table)
-            if spec.get("figure"):
+            pages[page] = replace_block(pages[page], name, table, family)
+            if spec and spec.get("figure"):
                 FIGURES[spec.get("figure_kind", spec["kind"])](spec, ROOT / spec["figure"], results)
-        elif block.strip() != table.strip():
-            failures.append(f"{name}: the README's table differs from what results/{name} gives "
+        elif read_block(pages[page], name, family).strip() != table.strip():
+            made_from = f"results/{name} gives" if spec else "the config dataclasses give"
+            failures.append(f"{name}: the table in {where} differs from what {made_from} "
                             "(python -m analysis.results --write regenerates it)")
     if args.write:
-        readme.write_text(text, encoding="utf-8")
+        for page, text in pages.items():
+            if text != page.read_text(encoding="utf-8"):
+                page.write_text(text, encoding="utf-8")
     for f in failures:
         print(f, file=sys.stderr)
     return 1 if failures else 0

@@ -1,5 +1,6 @@
-"""results/ and the README agree (analysis.results --check), a number changed in the README makes
-the check fail, and the seed pooling computes what its docstring says."""
+"""results/ and the docs pages agree (analysis.results --check), a number changed on a page, a config
+key missing from the configuration reference or a block on two pages makes the check fail, and the seed
+pooling computes what its docstring says."""
 
 from __future__ import annotations
 
@@ -15,36 +16,57 @@ from analysis.seeds import Pooled, bootstrap_interval
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_matches_the_records():
+def _docs(tmp_path: Path) -> Path:
+    """A copy of docs/'s pages (no figures) to plant changes in."""
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs, ignore=shutil.ignore_patterns("*.png"))
+    return docs
+
+
+def test_docs_match_the_records():
     assert main(["--check"]) == 0
 
 
-def test_a_changed_readme_number_fails_the_check(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    text = (ROOT / "README.md").read_text()
+def test_a_changed_page_fails_the_check(tmp_path, capsys):
+    docs = _docs(tmp_path)
+    results_page = docs / "results.md"
+    text = results_page.read_text()
     start = text.index("<!-- results:grpo_vs_ppo -->")
     i = text.index("±", start)  # the first pooled number of the table
     j = text.rindex("|", start, i) + 2
     number = text[j:i].strip()
-    changed = f"{float(number) + 0.01:+.2f}"
-    readme.write_text(text[:j] + changed + " " + text[i:])
-    assert main(["--check", "--readme", str(readme)]) == 1
-    assert "grpo_vs_ppo: the README's table differs" in capsys.readouterr().err
+    results_page.write_text(text[:j] + f"{float(number) + 0.01:+.2f}" + " " + text[i:])
+    config = docs / "reference" / "config.md"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("| `ppo.kl_coef` |")))  # a key missing from the reference
+    lab = docs / "lab.md"
+    block = text[start:text.index("<!-- /results:dpo_beta -->") + len("<!-- /results:dpo_beta -->")]
+    block = block[block.index("<!-- results:dpo_beta -->"):]
+    lab.write_text(lab.read_text() + "\n" + block + "\n")  # the same block on a second page
+    assert main(["--check", "--docs", str(docs)]) == 1
+    err = capsys.readouterr().err
+    assert "grpo_vs_ppo: the table in results.md differs from what results/grpo_vs_ppo gives" in err
+    assert "config: the table in reference/config.md differs from what the config dataclasses give" in err
+    assert "dpo_beta: 2 pages under" in err and "(lab.md, results.md); exactly one must" in err
+    assert err.count("\n") == 3, err
 
 
 def test_write_then_check_round_trip(tmp_path):
-    readme = tmp_path / "README.md"
-    text = (ROOT / "README.md").read_text()
+    docs = _docs(tmp_path)
+    page = docs / "results.md"
+    text = page.read_text()
     start = text.index("<!-- results:grpo_vs_ppo -->") + len("<!-- results:grpo_vs_ppo -->")
     end = text.index("<!-- /results:grpo_vs_ppo -->")
-    readme.write_text(text[:start] + "\nstale\n" + text[end:])
-    assert main(["--check", "--readme", str(readme)]) == 1
+    page.write_text(text[:start] + "\nstale\n" + text[end:])
+    assert main(["--check", "--docs", str(docs)]) == 1
     results = tmp_path / "results"
     shutil.copytree(ROOT / "results", results)
-    spec = (results / "experiments.yaml").read_text().replace("figure: docs/figures/grpo_vs_ppo.png", "")
+    spec = "".join(line for line in (results / "experiments.yaml").read_text().splitlines(keepends=True)
+                   if not line.strip().startswith("figure:"))  # the repository's figures stay as they are
     (results / "experiments.yaml").write_text(spec)
-    assert main(["--write", "--readme", str(readme), "--results", str(results)]) == 0
-    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+    assert main(["--write", "--docs", str(docs), "--results", str(results)]) == 0
+    assert page.read_text() == text
+    assert main(["--check", "--docs", str(docs), "--results", str(results)]) == 0
 
 
 def test_records_are_small_and_versioned():
