@@ -272,3 +272,24 @@ def test_lora_config_rules():
         load_config(tiny, ["policy.lora_r=-1"])
     with pytest.raises(ConfigError, match=r"^policy\.lora_dropout"):
         load_config(tiny, ["policy.lora_dropout=1.0"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_checkpointing_and_lora_raise_no_future_warning(kind):
+    """transformers 5.x renamed gradient checkpointing to activation checkpointing and warns
+    (FutureWarning) on the old names: enabling it and wrapping the policy in LoRA (peft reads
+    is_gradient_checkpointing) call the new API or keep peft's read quiet."""
+    import warnings
+    from types import SimpleNamespace
+
+    from rlhf_overopt.run.engines import enable_gradient_checkpointing, lora_policy
+
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+    for checkpointed in (True, False):
+        model = tiny_causal_lm(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            if checkpointed:
+                enable_gradient_checkpointing(model)
+            assert model.is_activation_checkpointing is checkpointed
+            lora_policy(model, lora)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import socket
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -279,7 +280,12 @@ def lora_policy(model: nn.Module, policy_cfg) -> nn.Module:
     config = LoraConfig(r=policy_cfg.lora_r, lora_alpha=policy_cfg.lora_alpha, lora_dropout=policy_cfg.lora_dropout,
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, config)
+    # peft 0.21 reads the model's is_gradient_checkpointing, which transformers 5.x deprecates in favour of
+    # is_activation_checkpointing with a FutureWarning on every read; peft's answer (both names hold the same
+    # flag) is unchanged, so only that warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 class AdapterDisabledReference(nn.Module):
