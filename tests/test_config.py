@@ -262,7 +262,7 @@ GRPO = ["method=grpo", "ppo.kl_coef=0"]
 
 def test_grpo_defaults_and_keys():
     cfg = load_config(None, GRPO, check_paths=False)
-    assert (cfg.grpo.group_size, cfg.grpo.std_normalize, cfg.grpo.loss_normalization) == (4, True, "sequence")
+    assert (cfg.grpo.group_size, cfg.grpo.std_normalize, cfg.grpo.loss_normalization) == (4, True, "auto")
     assert (cfg.grpo.kl_coef, cfg.grpo.kl_in, cfg.grpo.eps) == (0.0, "loss", 1e-4)
     keys = [row[0] for row in field_docs() if row[0].startswith("grpo.")]
     assert keys == ["grpo.group_size", "grpo.std_normalize", "grpo.loss_normalization", "grpo.kl_coef",
@@ -387,3 +387,67 @@ def test_method_columns():
         {n for n, m in METHODS.items() if m.rollouts} | {"dpo", "madpo"})
     assert (fit_form("bon"), fit_form("scaling_law"), fit_form("ppo"), fit_form("proxy_points"),
             fit_form("not_a_method")) == ("bon", "bon", "rl", "rl", "rl")
+
+
+# grpo.loss_normalization=auto (issue #24, item 6): RLOO is REINFORCE with a leave-one-out baseline, each
+# response's summed log-prob gradient with no division by its length (Ahmadian et al. 2024).
+
+@pytest.mark.parametrize("method, value, resolved", [
+    ("rloo", None, "constant"), ("grpo", None, "sequence"), ("rloo", "token", "token"),
+    ("rloo", "sequence", "sequence"), ("grpo", "constant", "constant"), ("ppo", None, "sequence")])
+def test_loss_normalization_resolved_once_in_the_plan(method, value, resolved):
+    from rlhf_overopt.config.plan import make_plan
+
+    overrides = [f"method={method}"] + (["ppo.kl_coef=0"] if method != "ppo" else [])
+    overrides += [f"grpo.loss_normalization={value}"] if value else []
+    cfg = load_config(None, overrides, check_paths=False)
+    assert cfg.grpo.loss_normalization == (value or "auto")  # the config keeps what the user wrote
+    assert make_plan(cfg, 1).loss_normalization == resolved
+
+
+def _notes(caplog, overrides):
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf_overopt"):
+        load_config(None, overrides, check_paths=False)
+    return [r.getMessage() for r in caplog.records if r.name == "rlhf_overopt"]
+
+
+def test_rloo_with_sequence_normalization_says_it_adds_a_length_bias(caplog):
+    rloo = ["method=rloo", "ppo.kl_coef=0"]
+    (line,) = _notes(caplog, [*rloo, "grpo.loss_normalization=sequence"])
+    assert line.startswith("grpo.loss_normalization=sequence: set, but") and "length bias" in line
+    assert _notes(caplog, rloo) == []  # the default says nothing
+    assert _notes(caplog, [*rloo, "grpo.loss_normalization=constant"]) == []
+    assert _notes(caplog, [*GRPO, "grpo.loss_normalization=sequence"]) == []  # GRPO's own objective
+
+
+@pytest.mark.parametrize("overrides, key, why", [
+    (["method=bon", "ppo.steps=5", "ppo.lr=0.001"], "ppo.lr, ppo.steps", "method bon does not read the ppo section"),
+    (["method=dpo", "madpo.margin_aggregator=wco"], "madpo.margin_aggregator", "does not read the madpo section"),
+    (["method=ppo", "grpo.group_size=8"], "grpo.group_size", "method ppo does not read the grpo section"),
+    (["method=rloo", "ppo.kl_coef=0", "grpo.std_normalize=false"], "grpo.std_normalize", "divides by no group std"),
+    (["method=rloo", "ppo.kl_coef=0", "grpo.eps=0.01"], "grpo.eps", "divides by no group std"),
+    ([*GRPO, "grpo.std_normalize=false", "grpo.eps=0.01"], "grpo.eps", "std_normalize=false divides by no group"),
+    (["method=bon", "aggregate.name=wco"], "aggregate.name", "bon.aggregators name"),
+    (["method=ppo", "aggregate.par_references=8"], "aggregate.par_references", "only with aggregate.shaping=par"),
+    (["method=ppo", "data.prompts=p.jsonl", "data.eval_split=test", "data.prompt_template={instruction}",
+      "data.prompt_column=nope"],
+     "data.prompt_column", "data.prompt_template builds each prompt"),
+])
+def test_explicit_keys_made_unused_are_reported_in_one_line(caplog, overrides, key, why):
+    (line,) = _notes(caplog, overrides)
+    assert line.startswith(f"{key}: set, but ") and why in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=ppo", "ppo.steps=5", "aggregate.name=wco"],
+    ["method=ppo", "aggregate.shaping=par", "aggregate.par_references=8"],
+    ["method=ppo", "data.prompts=p.jsonl", "data.eval_split=test", "data.prompt_template={instruction}"],
+    ["method=ppo", "data.prompts=p.jsonl", "data.eval_split=test", "data.prompt_column=text"],
+    [*GRPO, "grpo.eps=0.01"],
+    ["method=bon", "aggregate.uwo_lambda=0.1"],  # bon reads the aggregators' parameters
+])
+def test_keys_in_use_are_not_reported(caplog, overrides):
+    assert _notes(caplog, overrides) == []

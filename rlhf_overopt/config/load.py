@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from rlhf_overopt.config.experiment import Config, type_name
-from rlhf_overopt.config.validate import check_worlds, validate
+from rlhf_overopt.config.validate import check_worlds, note_unused, validate
 from rlhf_overopt.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +165,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ch
     name = cfg.name or stem
     cfg = dataclasses.replace(cfg, name=name, output_dir=cfg.output_dir or str(Path("runs") / name))
     validate(cfg, check_paths=check_paths)
-    check_worlds(cfg, _explicit_keys(data))
+    explicit = _explicit_keys(data)
+    check_worlds(cfg, explicit)
+    note_unused(cfg, explicit)  # keys set explicitly that another setting makes unused: one line each
     return cfg
 
 

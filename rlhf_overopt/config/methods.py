@@ -64,7 +64,7 @@ _MODELS = ("testbed", "policy", "gold", "proxy")  # what every trained or evalua
 _RL = (*_MODELS, "data", "eval", "ppo", "deepspeed", "wandb")
 _RL_SPLIT = ("ppo.batch_size", "ppo.mini_batch_size", "eval.n_prompts")
 _RL_CAPS = ("eval.max_new_tokens", "ppo.max_new_tokens")
-_COMPOSITE = (*_RL, "components")
+_COMPOSITE = (*_RL, "aggregate", "components")  # aggregate: within each component's ensemble
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("build_testbed", "build_testbed", ("testbed",), evaluates=False, fit_form=None, composite=False,

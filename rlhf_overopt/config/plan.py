@@ -45,6 +45,8 @@ class Plan:
     """Responses per prompt (GRPO / RLOO; 1 otherwise)."""
     prompts_per_rank: int = 0
     """Distinct prompts per rank per iteration (local_batch / group_size)."""
+    loss_normalization: str = "sequence"
+    """How the group update averages its token loss: grpo.loss_normalization with auto resolved by method."""
 
 
 def make_plan(cfg, world_size: int) -> Plan:
@@ -55,6 +57,8 @@ def make_plan(cfg, world_size: int) -> Plan:
     minibatches = _exact(p.batch_size, p.mini_batch_size, "ppo.mini_batch_size", "minibatches of the batch")
     group = cfg.grpo.group_size if METHODS[cfg.method].groups else 1
     prompts = _exact(local, group, "grpo.group_size", "whole groups per rank") if group > 1 else local
+    loss_normalization = (resolve_loss_normalization(cfg.grpo.loss_normalization, METHODS[cfg.method].advantage)
+                          if group > 1 else "sequence")
     every, steps = cfg.eval.every, p.steps
     return Plan(
         world_size=world_size, local_batch=local, micro_batch=micro, updates_per_iteration=p.ppo_epochs * minibatches,
@@ -62,7 +66,20 @@ def make_plan(cfg, world_size: int) -> Plan:
         eval_steps=tuple(s for s in range(steps + 1) if s % every == 0 or s == steps),
         save_steps=tuple(s for s in range(1, steps + 1) if s % p.save_every == 0 or s == steps),
         eval_per_rank=_exact(cfg.eval.n_prompts, world_size, "eval.n_prompts", "ranks"),
-        group_size=group, prompts_per_rank=prompts)
+        group_size=group, prompts_per_rank=prompts, loss_normalization=loss_normalization)
+
+
+AUTO_LOSS_NORMALIZATION = {"group": "sequence", "leave_one_out": "constant"}
+"""grpo.loss_normalization=auto by the method's advantage column. GRPO averages each response's token loss
+over its length (Shao et al. 2024, Eq. 3). RLOO is REINFORCE: each response's summed token log-prob gradient
+times its advantage, averaged over the batch, with no division by the response's length (Ahmadian et al.
+2024, §3.2), which is `constant` up to the fixed factor 1 / ppo.max_new_tokens; `sequence` would add GRPO's
+length bias (Liu et al. 2025, §3.1)."""
+
+
+def resolve_loss_normalization(value: str, advantage: str | None) -> str:
+    """grpo.loss_normalization as the update uses it: an explicit value as given, auto by the advantage."""
+    return AUTO_LOSS_NORMALIZATION[advantage] if value == "auto" else value
 
 
 def preference_schedule(n_pairs: int, batch_size: int, epochs: float, evals_per_epoch: int

@@ -96,9 +96,10 @@ class GRPOConfig:
     """Responses sampled per prompt (G >= 2); ppo.batch_size counts responses, so it holds whole groups."""
     std_normalize: bool = True
     """Divide each group's centred rewards by their std (GRPO); Dr. GRPO (Liu et al. 2025) drops it. Ignored by rloo."""
-    loss_normalization: Literal["sequence", "token", "constant"] = "sequence"
-    """sequence: mean over each response's tokens, then over responses (GRPO); token: one mean over the
-    minibatch's tokens; constant: each response's token sum divided by ppo.max_new_tokens (Dr. GRPO)."""
+    loss_normalization: Literal["auto", "sequence", "token", "constant"] = "auto"
+    """auto: constant for rloo (REINFORCE's summed log-prob gradient, Ahmadian et al. 2024), sequence for grpo;
+    sequence: mean over each response's tokens, then over responses (GRPO, which biases the length); token: one
+    mean over the minibatch's tokens; constant: each response's token sum divided by ppo.max_new_tokens (Dr. GRPO)."""
     kl_coef: float = 0.0
     """beta of the KL to the reference policy (DeepSeekMath uses 0.04; many recipes 0)."""
     kl_in: Literal["loss", "reward"] = "loss"

@@ -7,6 +7,7 @@ checks its own fields (sections.py, train_sections.py); `load_config` calls `val
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,59 @@ def check_worlds(cfg: Config, explicit: set[str]) -> None:
                 f"name your own (see --list-keys), or set {key}=testbed to use the testbed's on purpose")
 
 
+
+def unused_keys(cfg: Config, explicit: set[str]) -> list[tuple[str, str]]:
+    """(key, why) for each key the user set explicitly that another setting makes unused, or that
+    changes what the method estimates; load_config logs each as one line (`note_unused`). Defaults
+    are never reported, and a missing column is still an error where it would be used.
+
+    | set explicitly                      | with                        | note                                   |
+    |-------------------------------------|-----------------------------|----------------------------------------|
+    | any key of a section                | a method that does not read | e.g. ppo.* under bon or dpo, madpo.*   |
+    |                                     | it (METHODS[m].sections)    | under dpo, grpo.* under ppo (one line  |
+    |                                     |                             | per section)                           |
+    | data.prompt_column                  | data.prompt_template        | the template builds each prompt from   |
+    |                                     |                             | the row's columns                      |
+    | grpo.std_normalize, grpo.eps        | method rloo                 | the leave-one-out baseline divides by  |
+    |                                     |                             | no std                                 |
+    | grpo.eps                            | grpo.std_normalize=false    | nothing is divided by the std          |
+    | grpo.loss_normalization=sequence    | method rloo                 | adds GRPO's length bias to RLOO        |
+    | aggregate.name                      | method bon                  | bon.aggregators name the curves        |
+    | aggregate.par_references            | aggregate.shaping=none      | references are sampled only for PAR    |
+    """
+    method = METHODS[cfg.method]
+    out = []
+    by_section: dict[str, list[str]] = {}
+    for key in sorted(explicit):
+        section = key.split(".")[0]
+        if "." in key and section not in method.sections:
+            by_section.setdefault(section, []).append(key)
+    for section, keys in by_section.items():
+        out.append((", ".join(keys), f"method {cfg.method} does not read the {section} section"))
+    sections = method.sections
+    if "data" in sections and cfg.data.prompt_template and "data.prompt_column" in explicit:
+        out.append(("data.prompt_column", "data.prompt_template builds each prompt from the row's columns"))
+    if method.advantage == "leave_one_out":
+        for key in ("grpo.std_normalize", "grpo.eps"):
+            if key in explicit:
+                out.append((key, "rloo's leave-one-out baseline divides by no group std"))
+        if "grpo.loss_normalization" in explicit and cfg.grpo.loss_normalization == "sequence":
+            why = ("divides each response's REINFORCE gradient by its length: GRPO's length bias, which RLOO "
+                   "(Ahmadian et al. 2024) does not have; the default (auto) is constant")
+            out.append(("grpo.loss_normalization=sequence", why))
+    elif method.groups and not cfg.grpo.std_normalize and "grpo.eps" in explicit:
+        out.append(("grpo.eps", "grpo.std_normalize=false divides by no group std"))
+    if "bon" in sections and "aggregate.name" in explicit:
+        out.append(("aggregate.name", "bon.aggregators name the aggregators best-of-n curves"))
+    if "aggregate" in sections and cfg.aggregate.shaping == "none" and "aggregate.par_references" in explicit:
+        out.append(("aggregate.par_references", "references are sampled only with aggregate.shaping=par"))
+    return out
+
+
+def note_unused(cfg: Config, explicit: set[str]) -> None:
+    """Log one line for each of `unused_keys`: the run goes on, and the user hears about it."""
+    for key, why in unused_keys(cfg, explicit):
+        logging.getLogger("rlhf_overopt").warning("%s: set, but %s", key, why)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ is its reward relative to the others of its group.
     GRPO      A_i = (r_i - mean(r_g)) / (std(r_g) + eps)        Shao et al. 2024, DeepSeekMath §4.1
     Dr. GRPO  A_i = r_i - mean(r_g), constant loss normalization  Liu et al. 2025 (grpo.std_normalize=false,
                                                                  grpo.loss_normalization=constant)
-    RLOO      A_i = r_i - mean_{j != i} r_j                       Ahmadian et al. 2024, §3.2
+    RLOO      A_i = r_i - mean_{j != i} r_j, summed token loss    Ahmadian et al. 2024, §3.2
+                                                                 (grpo.loss_normalization=auto: constant)
 
 One iteration:
 
@@ -18,7 +19,7 @@ One iteration:
     5. advantages   per group (a rank always holds whole groups)
     6. update       ppo_epochs over minibatches: clipped surrogate with the response's advantage on
                     every token, + grpo.kl_coef * k3 KL to the reference with grpo.kl_in=loss,
-                    normalized per grpo.loss_normalization
+                    normalized per grpo.loss_normalization (auto: sequence for grpo, constant for rloo)
     7. log / eval / checkpoint
 
 KL to the initial policy is measured at every evaluation whatever grpo.kl_coef is (0 included).
@@ -86,8 +87,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     actors = build_actors(cfg, tokenizer, path, micro_batch=plan.micro_batch, world_size=info.world_size,
                           total_updates=plan.total_updates, device=info.device)
     policy = actors.policy
-    log.info("%s (%s): %d responses per prompt, %d prompts per rank per iteration, KL %g in the %s",
-             cfg.method, variant, plan.group_size, plan.prompts_per_rank, g.kl_coef, g.kl_in)
+    log.info("%s (%s): %d responses per prompt, %d prompts per rank per iteration, KL %g in the %s, "
+             "token loss normalized per %s", cfg.method, variant, plan.group_size, plan.prompts_per_rank, g.kl_coef,
+             g.kl_in, plan.loss_normalization)
 
     ckpt = Checkpointer(ctx.run.checkpoints)
     start, _ = resume_step(ctx, ckpt, actors.engines())
@@ -148,7 +150,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                            advantages=advantages.to(info.device), epochs=p.ppo_epochs, micro_batch=plan.micro_batch,
                            clip_range=p.clip_range, temperature=p.temperature,
                            kl_coef=g.kl_coef if g.kl_in == "loss" else 0.0,
-                           loss_normalization=g.loss_normalization, max_new_tokens=p.max_new_tokens,
+                           loss_normalization=plan.loss_normalization, max_new_tokens=p.max_new_tokens,
                            generator=seeds.step_generator(cfg.seed, step, 1), step=step)
         t_update = time.time() - t1
         # 7. log, evaluate, checkpoint
