@@ -1,12 +1,13 @@
-"""Sweeps through submitit: each run of the plan is one task of a job array (`--executor local|slurm`).
+"""The submitit backend of the sweep runner: each run is one task of a job array (`--executor local|slurm`).
 
-launch/sweep_plan.py plans the runs and launch/supervisor.py owns ``sweep.json`` and the locks;
-this module submits the runs that are not completed as submitit jobs and waits for them:
+launch/runner.py's `SweepRunner` is the run loop (locks, skip-completed, resume, outcomes,
+``sweep.json``, the progress table); `SubmititBackend` is how it starts a run under submitit, and
+`run_task` what one task runs on its node:
 
 - ``--executor local``: submitit's `LocalExecutor` (jobs are local processes; pickles and task
   logs in ``<sweep dir>/submitit``). It has no array parallelism, so at most ``--parallel`` jobs
   are in flight and the next one is submitted when one ends. Each task runs exactly the command
-  the local process runner builds (``--launcher`` included).
+  the local process backend builds (``--launcher`` included).
 - ``--executor slurm``: ``submitit.AutoExecutor(folder=<sweep dir>/submitit, cluster="slurm")``, one
   job array of every run to do, ``slurm_array_parallelism = --parallel``, the sweep file's
   ``resources`` as the Slurm parameters. Each task starts its run with the launcher the resources
@@ -19,21 +20,17 @@ this module submits the runs that are not completed as submitit jobs and waits f
   where the hostfile (``<node> slots=<gpus_per_node>`` per node of ``$SLURM_JOB_NODELIST``) is
   written by the task itself and the port is derived from the job id (the same on every node).
 
-What is run is decided from the run directories, as for the local runner: a completed run is
-skipped before submission, one whose directory holds a run is submitted with ``resume=true``
-(`check_run_dir`), and a task that finds a run directory written meanwhile (a requeued task)
-resumes it. A task holds the run's lock (``.locks/<run>.lock``) while its run lives, so a run is
-never started twice at once; a task that finds the lock held ends without running ("busy").
-``sweep.json`` records the submission (executor, folder, parameters, job ids) in the invocation
-and each run's attempt with its job id. Interrupting the sweep process cancels its jobs; run the
-same command again to continue.
+A task that finds a run directory written meanwhile (a requeued task) resumes it. The task, not
+the sweep process, holds the run's lock (``.locks/<run>.lock``) while its run lives; a task that
+finds the lock held ends without running ("busy"). ``sweep.json`` records the submission
+(executor, folder, parameters, job ids) in the invocation and each run's attempt with its job
+id. Interrupting the sweep process cancels its jobs; run the same command again to continue.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shlex
 import signal
@@ -42,36 +39,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from launch.supervisor import (  # the local runner's lock test and outcome rule
-    LOG_DIR,
+from launch.runner import LOG_DIR, Ended, Started, free_port, run_lock_path, timestamp, try_lock
+from launch.sweep_plan import (
     REPO_ROOT,
     PlannedRun,
-    ProgressView,
     Resources,
-    RunProgress,
     Sweep,
     SweepError,
-    SweepInterrupted,
-    SweepState,
-    _lock_busy,
-    _outcome,
     build_command,
     cluster_launcher,
-    free_port,
-    read_last_eval,
-    refresh_action,
-    try_lock,
 )
-from rlhf_overopt.errors import ConfigError
-
-log = logging.getLogger("launch.executor")
 
 EXECUTORS = ("local", "slurm")
 SUBMITIT_DIR = "submitit"
 HOSTFILE_DIR = "hostfiles"
-# The local runner has no time limit; submitit's LocalExecutor kills a job after timeout_min (2 by default).
+# A local process run has no time limit; submitit's LocalExecutor kills a job after timeout_min (2 by default).
 LOCAL_TIMEOUT_MIN = 30 * 24 * 60
 BASE_PORT = 29500
 
@@ -133,7 +117,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     if node_rank:
         log_path = log_path.with_name(f"{log_path.stem}.node{node_rank}.log")
     with open(log_path, "ab") as log_file:
-        log_file.write(f"\n===== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {action} "
+        log_file.write(f"\n===== {timestamp()} {action} "
                        f"(job {os.environ.get('SLURM_JOB_ID') or os.getpid()}): {shlex.join(command)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -184,108 +168,94 @@ def make_executor(kind: str, folder: Path, resources: Resources, *, parallel: in
 
 @dataclass
 class _Job:
+    """One submitted run, as `SweepRunner` sees it (see `launch.runner.Started`)."""
+
     run: PlannedRun
-    job: Any
     action: str
-    submitted: float
+    command: list[str]
+    job: Any
+    log_path: Path
+    started: float
+    pid: int | None = None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+    def start_text(self) -> str:
+        return f"submitted ({self.action}) as job {self.job_id}, log {self.log_path}"
+
+    def poll(self) -> Ended | None:
+        if not self.job.done():
+            return None
+        try:
+            result = self.job.results()[0]  # the first node's task holds the run
+        except Exception:  # noqa: BLE001 - a task that died (killed, out of memory) is a failed run
+            return Ended(None)
+        if result.get("status") == "busy":
+            return Ended(None, busy=True)
+        # What the task ran: a requeued task may have resumed.
+        return Ended(result.get("returncode"), command=result.get("command"), action=result.get("action"))
+
+    def end_text(self, returncode: int | None, elapsed: float) -> str:
+        return f"(job {self.job_id}, exit {returncode})"
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(Exception):
+            self.job.cancel(check=False)
+
+    def wait(self, deadline: float) -> int | None:
+        while not self.job.done() and time.time() < deadline:
+            time.sleep(0.2)
+        return None  # a cancelled job's exit status is unknown
+
+    def close(self) -> None:
+        """Nothing to release: the task holds the run's lock and log."""
 
 
-class ExecutorRunner:
-    """Runs the planned runs as submitit jobs; the same contract as `SweepRunner.run`."""
+class SubmititBackend:
+    """Each run is a submitit job running `run_task`: the `SweepRunner` backend for ``--executor``."""
 
-    def __init__(
-        self,
-        sweep: Sweep,
-        runs: Sequence[PlannedRun],
-        folder: Path,
-        *,
-        executor: str,
-        parallel: int = 1,
-        launcher: str = "",
-        poll_interval: float = 0.5,
-        argv: Sequence[str] = (),
-        view: ProgressView | None = None,
-    ) -> None:
-        if executor not in EXECUTORS:
-            raise SweepError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-        if executor == "slurm" and launcher:
+    verb = "submitted"
+    stop_text = "cancelling {n} job(s)"
+
+    def __init__(self, kind: str, sweep: Sweep, *, launcher: str = "") -> None:
+        if kind not in EXECUTORS:
+            raise SweepError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+        if kind == "slurm" and launcher:
             raise SweepError("--launcher: the slurm executor builds each run's launcher from the sweep file's resources")
-        self.sweep, self.runs, self.folder = sweep, list(runs), folder
-        self.kind, self.parallel, self.launcher = executor, parallel, launcher
-        self.poll_interval = poll_interval
-        self.argv = list(argv)
-        self.state = SweepState(folder)
-        self.progress = {r.name: RunProgress(name=r.name, status={"new": "pending", "resume": "to resume"}.get(
-            r.action, r.action), last_eval=read_last_eval(r.output_dir)) for r in self.runs}
-        self.view = view or ProgressView(list(self.progress.values()))
-        self.statuses: dict[str, str] = {}
+        self.kind, self.sweep, self.launcher = kind, sweep, launcher
+        self.label = f"{kind} executor, "
+        self.folder = Path()
+        self.executor: Any = None
+        self.submission: dict[str, Any] | None = None
 
-    def run(self) -> dict[str, str]:
-        """Submit every run that is not completed, wait for all; return run name -> final status."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / LOG_DIR).mkdir(exist_ok=True)
-        self.state.begin(self.sweep, self.runs, self.argv)
-        pending = [r for r in self.runs if r.action != "completed"]
-        for run in self.runs:
-            if run.action == "completed":
-                self.statuses[run.name] = "completed"
-        self.view.event(f"sweep {self.sweep.name}: {len(self.runs)} runs, {len(pending)} to run, "
-                        f"{len(self.runs) - len(pending)} already completed; {self.kind} executor, "
-                        f"up to {self.parallel} at once")
+    def prepare(self, folder: Path, parallel: int) -> None:
+        self.folder = folder
         # The task imports this module from the checkout (the job runs `python -m submitit.core._submit`).
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        executor = make_executor(self.kind, self.folder / SUBMITIT_DIR, self.sweep.resources,
-                                 parallel=self.parallel, name=self.sweep.name)
-        submission = {"executor": self.kind, "folder": str(self.folder / SUBMITIT_DIR),
-                      "parameters": json.loads(json.dumps(executor.parameters, default=str))}
+        self.executor = make_executor(self.kind, folder / SUBMITIT_DIR, self.sweep.resources,
+                                      parallel=parallel, name=self.sweep.name)
+        self.submission = {"executor": self.kind, "folder": str(folder / SUBMITIT_DIR),
+                           "parameters": json.loads(json.dumps(self.executor.parameters, default=str))}
+
+    def window(self, parallel: int, to_run: int) -> int:
         # Slurm: one array of every run (the array's parallelism limits them); local: a rolling window.
-        window = len(pending) if self.kind == "slurm" else self.parallel
-        active: dict[str, _Job] = {}
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return max(1, to_run) if self.kind == "slurm" else parallel
 
-        def interrupt(signum: int, _frame: Any) -> None:
-            raise SweepInterrupted(signal.Signals(signum).name)
-
-        for sig in previous:
-            signal.signal(sig, interrupt)
-        try:
-            while pending or active:
-                if pending and len(active) < window:
-                    take = window - len(active)
-                    batch, pending = pending[:take], pending[take:]
-                    active.update(self._submit(executor, batch, submission))
-                for name in list(active):
-                    if active[name].job.done():
-                        self._finish(active.pop(name))
-                self.view.tick()
-                if pending or active:
-                    time.sleep(self.poll_interval)
-        except SweepInterrupted as exc:
-            self.view.event(f"{exc}: cancelling {len(active)} job(s); run the sweep again to continue")
-            self._cancel(active)
-            for run in pending:
-                self.statuses[run.name] = "interrupted"
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.state.finish(self.statuses)
-            self.view.close()
-        return self.statuses
-
-    def _spec(self, run: PlannedRun, action: str) -> tuple[dict[str, Any], list[str]]:
+    def spec(self, run: PlannedRun, action: str) -> tuple[dict[str, Any], list[str]]:
         """The task's spec and the command recorded for it (Slurm: with the launcher still to fill in)."""
         train_args = build_command(run, self.sweep.base, action)[1:]
         spec: dict[str, Any] = {
             "train_args": train_args, "action": action, "run_dir": str(run.output_dir),
-            "log": str(self.folder / LOG_DIR / f"{run.name}.log"), "lock": str(self.state.run_lock_path(run.name)),
+            "log": str(self.folder / LOG_DIR / f"{run.name}.log"), "lock": str(run_lock_path(self.folder, run.name)),
             "hostfile_dir": str(self.folder / SUBMITIT_DIR / HOSTFILE_DIR), "resources": None, "env": {},
         }
         if self.kind == "local":
             port = free_port() if self.launcher else None
             command = build_command(run, self.sweep.base, action, launcher=self.launcher, port=port)
             spec["launcher"] = command[:len(command) - len(train_args)]
-            # LocalExecutor hides the GPUs unless told how many; the local runner leaves them as they are.
+            # LocalExecutor hides the GPUs unless told how many; the local process backend leaves them as they are.
             spec["env"] = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
             return spec, command
         spec["resources"] = asdict(self.sweep.resources)
@@ -294,87 +264,16 @@ class ExecutorRunner:
                                     master_addr="<first node>", hostfile="<hostfile>")
         return spec, [*launcher, *train_args]
 
-    def _submit(self, executor: Any, batch: Sequence[PlannedRun], submission: dict[str, Any]) -> dict[str, _Job]:
-        ready: list[tuple[PlannedRun, str, dict[str, Any], list[str]]] = []
-        for run in batch:
-            if _lock_busy(self.state.run_lock_path(run.name)):
-                self._settle(run, "busy", "another process holds its lock; left to it")
-                continue
-            try:
-                action = refresh_action(run)  # the directory may have moved on since planning
-            except ConfigError as exc:
-                self._settle(run, "failed", f"not submitted: {exc}", status_text="failed (config)")
-                continue
-            if action == "completed":
-                self._settle(run, "completed", "completed meanwhile; skipped")
-                continue
-            ready.append((run, action, *self._spec(run, action)))
-        if not ready:
-            return {}
-        if len(ready) == 1:
-            jobs = [executor.submit(run_task, ready[0][2])]
+    def start(self, ready: Sequence[tuple[PlannedRun, str, IO[bytes]]]) -> list[Started]:
+        specs = []
+        for run, action, lock in ready:
+            lock.close()  # the task takes the lock on its node
+            specs.append((run, action, *self.spec(run, action)))
+        if len(specs) == 1:
+            jobs = [self.executor.submit(run_task, specs[0][2])]
         else:
-            with executor.batch():
-                jobs = [executor.submit(run_task, spec) for _, _, spec, _ in ready]
+            with self.executor.batch():
+                jobs = [self.executor.submit(run_task, spec) for _, _, spec, _ in specs]
         now = time.time()
-        self.state.record_submission(submission, {run.name: str(job.job_id) for (run, *_), job in zip(ready, jobs)})
-        submitted = {}
-        for (run, action, _, command), job in zip(ready, jobs):
-            self.state.start_attempt(run, action, None, command, job_id=str(job.job_id))
-            progress = self.progress[run.name]
-            progress.status = "running" if action == "new" else "resuming"
-            progress.attempts += 1
-            progress.started = now
-            self.view.event(f"{run.name}: submitted ({action}) as job {job.job_id}, "
-                            f"log {self.folder / LOG_DIR / (run.name + '.log')}")
-            submitted[run.name] = _Job(run=run, job=job, action=action, submitted=now)
-        return submitted
-
-    def _settle(self, run: PlannedRun, status: str, message: str, *, status_text: str | None = None) -> None:
-        self.statuses[run.name] = status
-        self.progress[run.name].status = status_text or status
-        self.view.event(f"{run.name}: {message}")
-
-    def _finish(self, active: _Job) -> None:
-        run = active.run
-        try:
-            result = active.job.results()[0]  # the first node's task holds the run
-        except Exception as exc:  # noqa: BLE001 - a task that died (killed, out of memory) is a failed run
-            result = {"status": "ran", "returncode": None, "error": str(exc).strip().splitlines()[-1:]}
-        if result.get("status") == "busy":
-            self._drop_attempt(run)
-            self._settle(run, "busy", f"job {active.job.job_id}: another process holds its lock; left to it")
-            return
-        returncode = result.get("returncode")
-        outcome = _outcome(run, returncode)
-        elapsed = time.time() - active.submitted
-        last_eval = read_last_eval(run.output_dir)
-        if result.get("command"):  # what the task ran (a requeued task may have resumed)
-            with self.state.update() as data:
-                data["runs"][run.name]["attempts"][-1].update(command=result["command"], action=result["action"])
-        self.state.end_attempt(run, returncode, outcome, elapsed, last_eval)
-        progress = self.progress[run.name]
-        progress.status = outcome if outcome == "completed" else f"failed ({returncode})"
-        progress.elapsed = elapsed
-        progress.last_eval = last_eval or progress.last_eval
-        self.statuses[run.name] = outcome
-        hint = "" if outcome == "completed" else f"; see {self.folder / LOG_DIR / (run.name + '.log')}"
-        self.view.event(f"{run.name}: {outcome} (job {active.job.job_id}, exit {returncode}){hint}")
-
-    def _drop_attempt(self, run: PlannedRun) -> None:
-        with self.state.update() as data:
-            attempt = data["runs"][run.name]["attempts"][-1]
-            attempt.update(ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), outcome="busy")
-
-    def _cancel(self, active: dict[str, _Job], grace: float = 20.0) -> None:
-        for job in active.values():
-            with contextlib.suppress(Exception):
-                job.job.cancel(check=False)
-        deadline = time.time() + grace
-        for job in active.values():
-            while not job.job.done() and time.time() < deadline:
-                time.sleep(0.2)
-            outcome = "completed" if _outcome(job.run, 0) == "completed" else "interrupted"
-            self.state.end_attempt(job.run, None, outcome, time.time() - job.submitted, read_last_eval(job.run.output_dir))
-            self.statuses[job.run.name] = outcome
-            self.progress[job.run.name].status = outcome
+        return [_Job(run=run, action=action, command=command, job=job, log_path=Path(spec["log"]), started=now)
+                for (run, action, spec, command), job in zip(specs, jobs)]

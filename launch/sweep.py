@@ -11,12 +11,13 @@ command again skips completed runs, resumes interrupted ones and rebuilds the re
 ``key.sub=value`` items apply to every run (e.g. ``ppo.steps=50``); ``--select`` restricts the
 sweep to the grid points with the given values (``--select aggregate.name=uwo``).
 
-Without ``--executor`` the runs are local processes, ``--parallel`` at a time (launch/supervisor.py).
+Without ``--executor`` the runs are local processes, ``--parallel`` at a time.
 ``--executor local|slurm`` submits them through submitit instead, as a job array of one run per
 task (launch/executor.py): ``local`` as local processes, ``slurm`` with the sweep file's
 ``resources`` (gpus_per_node, nodes, cpus_per_task, mem_gb, timeout_min, partition, account,
 constraint); ``--parallel`` is the array's parallelism. Either way the run directories say what
-is left to do, so the same command again skips completed runs and resumes interrupted ones.
+is left to do, so the same command again skips completed runs and resumes interrupted ones:
+both are the one run loop of launch/runner.py, over launch/sweep_plan.py's plan.
 
 Exit status: 0 when every run completed (or for --dry-run / --wandb-sweep), 1 when a run failed
 or another process holds a run, 2 for a bad sweep file or config (before any run starts), 130
@@ -35,14 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import yaml  # noqa: E402
+import yaml
 
-from launch.supervisor import (  # noqa: E402
+from launch.executor import SubmititBackend
+from launch.runner import ProcessBackend, SweepInterrupted, SweepRunner
+from launch.sweep_plan import (
     PlannedRun,
     Sweep,
     SweepError,
-    SweepInterrupted,
-    SweepRunner,
     build_command,
     expand_grid,
     load_sweep,
@@ -156,14 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = sweep_dir(sweep, args.runs_root)
     try:
-        if args.executor:
-            from launch.executor import ExecutorRunner
-
-            runner = ExecutorRunner(sweep, runs, folder, executor=args.executor, parallel=args.parallel,
-                                    launcher=args.launcher, argv=[sys.argv[0], *argv])
-        else:
-            runner = SweepRunner(sweep, runs, folder, parallel=args.parallel, launcher=args.launcher,
-                                 argv=[sys.argv[0], *argv])
+        backend = (SubmititBackend(args.executor, sweep, launcher=args.launcher) if args.executor
+                   else ProcessBackend(sweep.base, args.launcher))
+        runner = SweepRunner(sweep, runs, folder, backend, parallel=args.parallel, argv=[sys.argv[0], *argv])
         statuses = runner.run()
     except SweepInterrupted:
         return 130

@@ -22,7 +22,8 @@ naming the run and the key. `plan_runs` does that and decides, from the run dire
 whether each run is new, to be resumed or already completed; `build_command` is the command line
 of one run, `cluster_command` the same run as a cluster task starts it (the launcher its
 `resources` imply) and `wandb_sweep_spec` the equivalent W&B sweep. Running the plan is
-launch/supervisor.py's job (launch/executor.py's under submitit). Nothing here starts a process or imports a training loop.
+launch/runner.py's job (local processes, or submitit jobs through launch/executor.py). Nothing here
+starts a process or imports a training loop.
 """
 
 from __future__ import annotations
@@ -453,7 +454,7 @@ def cluster_launcher(
 ) -> list[str]:
     """The argv prefix that starts one run on the node(s) `resources` give a task.
 
-    No GPU: the plain interpreter, as the local runner. One node: ``deepspeed --num_gpus <g>``
+    No GPU: the plain interpreter, as a local process run. One node: ``deepspeed --num_gpus <g>``
     with its own master port (array tasks may share a node). Several nodes: every node's task
     runs the DeepSpeed launcher on the same hostfile without ssh, with its own node rank
     (Slurm's ``$SLURM_NODEID``) and the first node as master.

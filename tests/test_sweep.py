@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from launch.supervisor import (
+from launch.sweep_plan import (
+    Resources,
     SweepError,
     build_command,
+    cluster_command,
     expand_grid,
     load_sweep,
     override_item,
@@ -253,6 +255,13 @@ def test_commands_resume_and_launchers_get_their_own_port(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------- kill and resume
+#
+# The tests that start runs are sized by run launches (each is a Python process importing torch and
+# DeepSpeed): the process runner's kill-and-rerun needs three runs (one completed before the kill,
+# one killed mid-run, one new run beside the resumed one), the local executor's two, and the
+# executor is compared with the process runner on the run both completed before their kill.
+
+KILL_SWEEP = "kill"
 
 
 def _state(folder: Path) -> dict[str, Any]:
@@ -269,22 +278,28 @@ def _summary_status(run_dir: Path) -> str | None:
         return None
 
 
-@pytest.mark.slow
-def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path: Path, tiny_testbed) -> None:
-    """Kill the whole sweep (SIGKILL to its process group) once its first run has completed and
-    the second has logged its first evaluation; run the sweep again, two runs at a time.
+def _curves_without_times(run_dir: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in read_jsonl(run_dir / "curves.jsonl")]
 
-    "None run twice" means: (1) no run whose summary said completed is started again — its
-    files are untouched by the second invocation, and in sweep.json no attempt of any run starts
-    after one of its attempts completed; (2) no curves.jsonl holds a step twice.
-    """
-    runs_root = tmp_path / "runs"
-    folder = runs_root / "tiny_kl_sweep"
-    args = ["--config", str(TINY_SWEEP), "--runs-root", str(runs_root), "--no-report",
-            f"testbed.cache_dir={tiny_testbed.root.parent}"]
+
+def _attempts(state: dict[str, Any], name: str) -> list[tuple[int, str, str | None]]:
+    return [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][name]["attempts"]]
+
+
+def _kill_sweep_file(folder: Path, aggregators: list[str]) -> Path:
+    """A sweep of tiny PPO runs, one per aggregator, all named `KILL_SWEEP` (so the process runner's
+    and the executor's runs of one aggregator get the same command but for the runs root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_sweep(folder, {"base": str(ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"), "name": KILL_SWEEP,
+                                "grid": {"aggregate.name": aggregators}})
+
+
+def _run_then_kill(args: list[str], folder: Path, names: list[str]) -> dict[str, bytes]:
+    """Run the sweep one run at a time and SIGKILL its whole process group (the sweep, any submitit
+    job controllers, the runs) once `names[0]` has completed and `names[1]` has logged an
+    evaluation; return the files of `names[0]`'s run directory."""
     proc = subprocess.Popen([sys.executable, str(SWEEP_CLI), *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    names = run_names(expand_grid(load_sweep(TINY_SWEEP).grid), ["aggregate.name", "ppo.kl_coef"])
     first, second = folder / names[0], folder / names[1]
 
     def first_done_second_evaluated() -> bool:
@@ -300,9 +315,36 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
         proc.wait()
     assert _summary_status(first) == "completed"
     assert _summary_status(second) == "running"  # killed mid-run: nothing recorded its end
-    first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+    return {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
 
-    result = sweep_cli(*args[:-2], "--parallel", "2", *args[-2:], folder=folder)
+
+@pytest.fixture(scope="module")
+def killed_process_sweep(tmp_path_factory, tiny_testbed) -> dict[str, Any]:
+    """The process runner's sweep of three runs, killed after its first run completed and its
+    second logged an evaluation (see `_run_then_kill`); the rerun is the test's."""
+    root = tmp_path_factory.mktemp("process_sweep")
+    path = _kill_sweep_file(root, ["member_0", "uwo", "mean"])
+    runs_root = root / "runs"
+    folder = runs_root / KILL_SWEEP
+    args = ["--config", str(path), "--runs-root", str(runs_root), "--no-report",
+            f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    names = ["member_0", "uwo", "mean"]
+    first_files = _run_then_kill(args, folder, names)
+    return {"path": path, "runs_root": runs_root, "folder": folder, "args": args, "names": names,
+            "first_files": first_files}
+
+
+@pytest.mark.slow
+def test_sweep_killed_partway_then_rerun_completes_every_run_once(killed_process_sweep: dict[str, Any]) -> None:
+    """After the kill, run the sweep again two runs at a time, then a third time.
+
+    "None run twice" means: (1) no run whose summary said completed is started again — its
+    files are untouched by the later invocations, and in sweep.json no attempt of any run starts
+    after one of its attempts completed; (2) no curves.jsonl holds a step twice.
+    """
+    folder, args, names = (killed_process_sweep[k] for k in ("folder", "args", "names"))
+    first = folder / names[0]
+    result = sweep_cli(*args[:-1], "--parallel", "2", args[-1], folder=folder)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # every run completed, with each evaluation step logged once
@@ -311,121 +353,91 @@ def test_tiny_sweep_killed_partway_then_rerun_completes_every_run_once(tmp_path:
         steps = [row["step"] for row in read_jsonl(folder / name / "curves.jsonl")]
         assert steps == [0, 2, 4], (name, steps)
     # the run completed before the kill was not touched again
-    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == killed_process_sweep["first_files"]
 
     state = _state(folder)
     _, second_inv = state["invocations"]
     assert second_inv["skipped_completed"] == [names[0]]
     assert set(second_inv["result"].values()) == {"completed"}
     for name in names:
-        attempts = state["runs"][name]["attempts"]
-        outcomes = [a["outcome"] for a in attempts]
+        outcomes = [a["outcome"] for a in state["runs"][name]["attempts"]]
         assert outcomes.count("completed") == 1 and outcomes[-1] == "completed", (name, outcomes)
-    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[0]]["attempts"]] == [
-        (0, "new", "completed")]
-    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[1]]["attempts"]] == [
-        (0, "new", "interrupted"), (1, "resume", "completed")]
-    for name in names[2:]:
-        assert [(a["invocation"], a["action"]) for a in state["runs"][name]["attempts"]] == [(1, "new")]
-    # the two remaining new runs and the resumed one shared the machine two at a time
-    assert any("num_threads=" in " ".join(a["command"]) for a in state["runs"][names[2]]["attempts"])
+    assert _attempts(state, names[0]) == [(0, "new", "completed")]
+    assert _attempts(state, names[1]) == [(0, "new", "interrupted"), (1, "resume", "completed")]
+    assert _attempts(state, names[2]) == [(1, "new", "completed")]
+    # the resumed run and the new one shared the machine, two at a time, one thread each
+    (_, resumed), (new,) = state["runs"][names[1]]["attempts"], state["runs"][names[2]]["attempts"]
+    assert "num_threads=1" in new["command"] and resumed["command"][-1] == "resume=true"
+    assert new["started_at_unix"] < resumed["started_at_unix"] + resumed["elapsed_s"]
+    assert resumed["started_at_unix"] < new["started_at_unix"] + new["elapsed_s"]
 
     # a third invocation has nothing to do, then writes the report of the whole grid
     again = sweep_cli(*[a for a in args if a != "--no-report"], folder=folder)
     assert again.returncode == 0, again.stderr
-    assert "0 to run, 4 already completed" in again.stdout
+    assert "0 to run, 3 already completed" in again.stdout
     table = (folder / "report" / "table.md").read_text()
-    assert sum(1 for line in table.splitlines() if line.startswith("| ") and "ppo" in line) == 4
+    assert sum(1 for line in table.splitlines() if line.startswith("| ") and "ppo" in line) == 3
     assert (folder / "report" / "frontier_ppo.png").stat().st_size > 1000
     frontier = (folder / "report" / "frontier.md").read_text()
-    assert "| ppo | member_0 | 2 |" in frontier and "| ppo | uwo | 2 |" in frontier
-    # changing a value under completed runs is refused up front
-    changed = sweep_cli(*args, "ppo.lr=0.5", "--dry-run")
-    assert changed.returncode == 2 and "differs from the run being resumed" in changed.stderr
+    assert all(f"| ppo | {name} | 1 |" in frontier for name in names), frontier
+    # changing a value under completed runs is refused up front (the command line's exit 2 for a
+    # planning error: test_bad_value_exits_2_naming_run_and_key_before_any_run)
+    changed = load_sweep(killed_process_sweep["path"], [args[-1], "ppo.lr=0.5"])
+    with pytest.raises(SweepError, match="differs from the run being resumed"):
+        plan_runs(changed, killed_process_sweep["runs_root"])
 
 
 # ---------------------------------------------------------------- submitit executors
 
 
-def _curves_without_times(run_dir: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in read_jsonl(run_dir / "curves.jsonl")]
-
-
 @pytest.mark.slow
-def test_local_executor_gives_the_same_run_directories_as_the_process_runner(tmp_path: Path, tiny_testbed) -> None:
-    common = ["--config", str(TINY_SWEEP), "--no-report", "--parallel", "2", "--select", "aggregate.name=uwo",
-              "--", f"testbed.cache_dir={tiny_testbed.root.parent}"]
-    folders = {}
-    for mode, extra in (("processes", []), ("submitit", ["--executor", "local"])):
-        runs_root = tmp_path / mode
-        folders[mode] = runs_root / "tiny_kl_sweep"
-        result = sweep_cli("--runs-root", str(runs_root), *extra, *common, folder=folders[mode])
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    names = sorted(p.name for p in folders["processes"].iterdir() if (p / "curves.jsonl").is_file())
-    assert names == ["uwo-kl_coef0.01", "uwo-kl_coef0.1"]
-    assert sorted(p.name for p in folders["submitit"].iterdir() if (p / "curves.jsonl").is_file()) == names
-    for name in names:
-        assert _summary_status(folders["submitit"] / name) == "completed"
-        assert _curves_without_times(folders["submitit"] / name) == _curves_without_times(folders["processes"] / name)
-    state = _state(folders["submitit"])
-    submission = state["invocations"][0]["submission"]
-    assert submission["executor"] == "local" and set(submission["job_ids"]) == set(names)
-    for name in names:
-        (attempt,) = state["runs"][name]["attempts"]
-        assert attempt["job_id"] == submission["job_ids"][name] and attempt["outcome"] == "completed"
-        assert "num_threads=1" in attempt["command"]  # the same command as the process runner's
-    assert (folders["submitit"] / "submitit").is_dir()
-
-
-@pytest.mark.slow
-def test_local_executor_killed_then_resubmitted_completes_every_run_once(tmp_path: Path, tiny_testbed) -> None:
-    """SIGKILL the sweep's process group (the sweep, submitit's job controllers and the runs) once
-    the first run has completed and the second has logged an evaluation; submit again."""
+def test_local_executor_killed_then_resubmitted_matches_the_process_runner(
+        tmp_path: Path, tiny_testbed, killed_process_sweep: dict[str, Any]) -> None:
+    """The same kill under ``--executor local`` (SIGKILL reaches submitit's job controllers and
+    the runs too); submit again, two jobs at a time. The run completed before the kill has the
+    command and the curves the process runner gave the same grid point."""
     runs_root = tmp_path / "runs"
-    folder = runs_root / "tiny_kl_sweep"
-    args = ["--config", str(TINY_SWEEP), "--runs-root", str(runs_root), "--no-report", "--executor", "local",
-            "--select", "aggregate.name=member_0", "--", f"testbed.cache_dir={tiny_testbed.root.parent}"]
-    names = ["member_0-kl_coef0.01", "member_0-kl_coef0.1"]
-    first, second = folder / names[0], folder / names[1]
-    proc = subprocess.Popen([sys.executable, str(SWEEP_CLI), *args], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = runs_root / KILL_SWEEP
+    path = _kill_sweep_file(tmp_path, ["member_0", "uwo"])
+    args = ["--config", str(path), "--runs-root", str(runs_root), "--no-report", "--executor", "local",
+            "--", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    names = ["member_0", "uwo"]
+    first = folder / names[0]
+    first_files = _run_then_kill(args, folder, names)
 
-    def first_done_second_started() -> bool:
-        runs = _state(folder).get("runs", {})
-        return runs.get(names[0], {}).get("status") == "completed" and (second / "curves.jsonl").exists()
-
-    try:
-        wait_until(first_done_second_started, f"{names[0]} to complete and {names[1]} to log an evaluation",
-                   proc=proc, folder=folder)
-        assert proc.poll() is None, "the sweep ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert _summary_status(first) == "completed" and _summary_status(second) == "running"
-    first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
-
-    result = sweep_cli(*args, folder=folder)
+    result = sweep_cli(*args[:-2], "--parallel", "2", *args[-2:], folder=folder)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in names:
         assert _summary_status(folder / name) == "completed", name
         assert [row["step"] for row in read_jsonl(folder / name / "curves.jsonl")] == [0, 2, 4], name
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
+    assert (folder / "submitit").is_dir()
 
     state = _state(folder)
-    _, again = state["invocations"]
-    assert again["skipped_completed"] == [names[0]] and names[0] not in again["submission"]["job_ids"]
-    assert [(a["invocation"], a["action"], a["outcome"]) for a in state["runs"][names[0]]["attempts"]] == [
-        (0, "new", "completed")]
-    attempts = state["runs"][names[1]]["attempts"]
-    assert [(a["invocation"], a["action"], a["outcome"]) for a in attempts] == [
-        (0, "new", "interrupted"), (1, "resume", "completed")]
-    assert attempts[1]["command"][-1] == "resume=true"
-    assert attempts[1]["job_id"] == again["submission"]["job_ids"][names[1]]
+    first_inv, again = state["invocations"]
+    assert first_inv["submission"]["executor"] == "local" and set(first_inv["submission"]["job_ids"]) == set(names)
+    assert again["skipped_completed"] == [names[0]] and set(again["submission"]["job_ids"]) == {names[1]}
+    assert _attempts(state, names[0]) == [(0, "new", "completed")]
+    assert _attempts(state, names[1]) == [(0, "new", "interrupted"), (1, "resume", "completed")]
+    for name in names:
+        for attempt in state["runs"][name]["attempts"]:
+            invocation = state["invocations"][attempt["invocation"]]
+            assert attempt["job_id"] == invocation["submission"]["job_ids"][name]
+    # the resumed job ran what the process runner would have run, two at a time
+    sweep = load_sweep(path, args[-1:])
+    resumed = plan_runs(sweep, runs_root, threads_per_run=1)[1]
+    assert state["runs"][names[1]]["attempts"][1]["command"] == build_command(resumed, sweep.base, "resume")
+
+    # the same run directory as the process runner's, from the same command
+    processes = killed_process_sweep["folder"]
+    assert _curves_without_times(first) == _curves_without_times(processes / names[0])
+    (submitted,) = state["runs"][names[0]]["attempts"]
+    (started, *_) = _state(processes)["runs"][names[0]]["attempts"]
+    process_root = str(killed_process_sweep["runs_root"])
+    assert submitted["command"] == [c.replace(process_root, str(runs_root)) for c in started["command"]]
 
 
 def test_slurm_commands_for_one_and_several_nodes(tmp_path: Path) -> None:
-    from launch.supervisor import Resources, cluster_command
-
     sweep = load_sweep(TINY_SWEEP)
     run = plan_runs(sweep, tmp_path / "runs")[0]
     train = [str(ROOT / "launch" / "train.py"), "--config", str(sweep.base), *run.overrides]
