@@ -2,5 +2,5 @@
 
 load.py reads run directories and sweep folders; fit.py holds the functional forms and measures;
 plots.py draws gold/proxy against sqrt(KL); report.py writes the tables and figures (and uploads
-them to W&B); wandb_offline.py reads back what an offline W&B run logged.
+them to W&B).
 """

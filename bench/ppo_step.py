@@ -10,12 +10,12 @@ engines at `deepspeed.zero_stage`, AdamW, cosine schedule). Phases, in loop orde
     old logp     sequence_logprobs(policy engine), no grad
     ref logp     sequence_logprobs(frozen reference), no grad
     values       response_values(value engine), no grad
-    proxy        curves.score_proxies: K members + aggregation (the cached trained ensemble, or
+    proxy        rlhf_overopt.evaluate.score_proxies: K members + aggregation (the cached trained ensemble, or
                  untrained members of the same architecture when it is not cached)
     advantages   per-token KL penalty, score at the last token, GAE, whitening
     update       rlhf_overopt.update.ppo_update: ppo_epochs x (batch / minibatch) optimizer steps of policy
                  and value
-    gold eval    curves.evaluate_policy on eval.n_prompts held-out prompts (run every eval.every
+    gold eval    rlhf_overopt.evaluate.evaluate_policy on eval.n_prompts held-out prompts (run every eval.every
                  steps, so its amortized share of a step is time / eval.every)
 
 Each phase's figure is the median wall time over the timed repeats; its share is its median over

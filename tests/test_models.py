@@ -19,7 +19,6 @@ from rlhf_overopt.ops.masking import position_ids_from_mask
 from rlhf_overopt.run.models import (
     backbone_from_pretrained,
     check_tokenizer,
-    encode_for_reward,
     init_reward_head_,
     left_pad,
     load_causal_lm,
@@ -155,12 +154,12 @@ def test_set_dropout_zero_covers_modules_and_float_attributes():
 # ------------------------------------------------------------------------------------ encoding
 
 
-def test_encode_for_reward_appends_eos_only_when_ended(world):
+def test_reward_input_appends_eos_only_when_ended(world):
     _, _, tokenizer = world
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = ["the film", "the plot", "music"]
     responses = [" was good", " was really dull and bad", " great"]
-    ids, mask = encode_for_reward(tokenizer, prompts, responses, [True, False, True], max_length=64)
+    ids, mask = left_pad(tokenize_for_reward(tokenizer, prompts, responses, [True, False, True], max_length=64), pad)
     assert ids.shape == mask.shape and ids.dtype == torch.long
     assert ids[0, -1] == eos and ids[2, -1] == eos and ids[1, -1] != eos
     plain = tokenizer(["the film was good"], add_special_tokens=False)["input_ids"][0]
@@ -175,7 +174,7 @@ def test_encode_for_reward_appends_eos_only_when_ended(world):
     assert eos not in ids[1].tolist()
 
 
-def test_encode_for_reward_truncation_keeps_the_end(world):
+def test_reward_input_truncation_keeps_the_end(world):
     _, _, tokenizer = world
     full = tokenize_for_reward(
         tokenizer, ["the film"], [" was really good and great"], [True], max_length=64
@@ -244,7 +243,8 @@ def test_reward_score_with_left_padding_equals_unpadded(world):
     prompts = ["the film", "music", "the plot was"]
     responses = [" was good and the acting was great", " dull", " really bad"]
     ended = [True, False, False]
-    ids, mask = encode_for_reward(tokenizer, prompts, responses, ended, max_length=64)
+    ids, mask = left_pad(tokenize_for_reward(tokenizer, prompts, responses, ended, max_length=64),
+                         tokenizer.pad_token_id)
     assert (mask == 0).any()  # the batch really is padded
     with torch.no_grad():
         batched = reward_scores(rm, ids, mask)

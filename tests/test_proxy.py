@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from rlhf_overopt.config.sections import ProxyConfig
 from rlhf_overopt.rewards.ensemble import ENSEMBLE_FILE, FailedMemberError, ProxyEnsemble
 from rlhf_overopt.rewards.training import encode_pairs, reference_responses, train_ensemble
-from rlhf_overopt.run.models import encode_for_reward, reward_head
+from rlhf_overopt.run.models import left_pad, reward_head, tokenize_for_reward
 
 GOOD = ["good", "great", "lovely", "superb"]
 BAD = ["bad", "awful", "boring", "dull"]
@@ -188,9 +188,10 @@ def trained(world):
 
 def _val_batch(world, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     val = world["val"].select(range(n))
-    return encode_for_reward(
-        world["tokenizer"], list(val["prompt"]), list(val["chosen"]), list(val["chosen_ended"]), max_length=64
-    )
+    tokenizer = world["tokenizer"]
+    rows = tokenize_for_reward(tokenizer, list(val["prompt"]), list(val["chosen"]), list(val["chosen_ended"]),
+                               max_length=64)
+    return left_pad(rows, tokenizer.pad_token_id)
 
 
 KINDS = ["independent", "pretrain", "multihead", "lora"]
@@ -291,9 +292,8 @@ def test_score_texts_matches_score_ids_and_chunking(trained, world):
     val = world["val"].select(range(50))
     prompts, responses, ended = list(val["prompt"]), list(val["rejected"]), list(val["rejected_ended"])
     from_texts = ensemble.score_texts(prompts, responses, ended)
-    ids, mask = encode_for_reward(
-        world["tokenizer"], prompts, responses, ended, max_length=ensemble.max_length
-    )
+    ids, mask = left_pad(tokenize_for_reward(world["tokenizer"], prompts, responses, ended,
+                                             max_length=ensemble.max_length), world["tokenizer"].pad_token_id)
     torch.testing.assert_close(from_texts, ensemble.score_ids(ids, mask), atol=1e-5, rtol=0)
     ensemble.score_batch_size = 7  # chunking and length-sorting must not change any score
     torch.testing.assert_close(ensemble.score_texts(prompts, responses, ended), from_texts, atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
 """W&B: what a real offline run logged, read back from its run-*.wandb record log.
 
 The tiny PPO config runs with wandb.mode=offline; the test parses the offline run's file
-(analysis.wandb_offline) and compares it with the run directory, the source of truth: history
+(tests/wandb_records.py) and compares it with the run directory, the source of truth: history
 rows against curves.jsonl, the config against config.yaml, samples tables against samples.jsonl.
 The analysis report's --wandb upload is checked the same way.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from wandb_records import WandbLogError, find_offline_runs, iter_record_bytes, read_offline_run
 
 from analysis.report import main as report_main
-from analysis.wandb_offline import WandbLogError, find_offline_runs, iter_record_bytes, read_offline_run
 from rlhf_overopt.run.directory import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -316,26 +316,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return input_ids, attention_mask
 
 
-def encode_for_reward(
-    tokenizer,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    ended: Sequence[bool],
-    max_length: int,
-    *,
-    add_special_tokens: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reward-model input for texts: `prompt + response` (+ EOS id when ended), left-padded.
-
-    Truncation keeps the last `max_length` tokens. Returns (input_ids (B, T), attention_mask
-    (B, T)), both int64, padded with `tokenizer.pad_token_id`.
-    """
-    seqs = tokenize_for_reward(
-        tokenizer, prompts, responses, ended, max_length, add_special_tokens=add_special_tokens
-    )
-    return left_pad(seqs, tokenizer.pad_token_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # Scalar reward models
 # ---------------------------------------------------------------------------------------------

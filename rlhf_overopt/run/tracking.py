@@ -68,12 +68,6 @@ class Tracker:
                                                          for c in columns] for r in rows])
         self.run.log({f"samples/step_{step}": table})
 
-    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        if not self.run or not rows:
-            return
-        columns = list(rows[0].keys())
-        self.run.log({name: self._wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
-
     def finish(self) -> None:
         if self.run:
             self.run.finish()

@@ -12,7 +12,9 @@ It is a record log in the LevelDB log format (the layout wandb's writer uses):
 
 :func:`read_offline_run` turns the records into plain Python: the run's project, group, name,
 config, the history rows (``run.log`` calls), metric definitions and the final summary, so that
-a test or a script can check what was logged without a W&B server. Nothing here writes.
+a test can check what was logged without a W&B server. Nothing here writes. A test helper
+(tests/test_wandb.py is its one user), not a user command: the run directory, not W&B, is the
+source of truth that analysis reads.
 """
 
 from __future__ import annotations
