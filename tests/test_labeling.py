@@ -97,6 +97,28 @@ def test_bad_inputs_are_refused():
         pair_and_label([1.0, 2.0, 3.0], 2, noise=0.0, seed=0)
 
 
+def test_both_writers_name_their_columns_from_the_one_preference_schema():
+    from rlhf_overopt.data.labeling import COLUMNS
+    from rlhf_overopt.data.preferences import (
+        PREFERENCE_COLUMNS,
+        TESTBED_NAMES,
+        column_of,
+        normalize_preferences,
+    )
+    from rlhf_overopt.testbed.data import PREF_COLUMNS
+
+    assert set(COLUMNS) == {"prompt_index", *PREFERENCE_COLUMNS}
+    assert PREF_COLUMNS[1:-2] == tuple(TESTBED_NAMES.get(c, c) for c in PREFERENCE_COLUMNS)
+    # readers find a schema column under its name or the testbed's spelling, and nowhere else
+    assert column_of(COLUMNS, "gold_chosen") == "gold_chosen"
+    assert column_of(PREF_COLUMNS, "gold_chosen") == "chosen_gold"
+    assert column_of(PREF_COLUMNS, "flipped") == "label_flipped" and column_of(["prompt"], "flipped") is None
+    testbed_row = {"prompt": ["p"], "chosen": [" a"], "rejected": [" b"], "chosen_gold": [1.0],
+                   "rejected_gold": [0.0], "label_flipped": [False]}
+    normalized = normalize_preferences(datasets.Dataset.from_dict(testbed_row))
+    assert set(normalized.column_names) == {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "flipped"}
+
+
 def test_chunks_cover_the_prompts_contiguously_over_ranks():
     chunks = chunk_ranges(10, 3)
     assert [list(c) for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]

@@ -38,17 +38,16 @@ from typing import Any
 
 import torch
 
+from rlhf_overopt.data.preferences import ENDED_COLUMNS, FLIPPED_COLUMN, GOLD_COLUMNS, REQUIRED_COLUMNS
 from rlhf_overopt.run.directory import atomic_write_json, atomic_write_text
 
 CHUNK_DIR = "preferences_chunks"
 """Per-chunk samples and gold scores of a label_preferences run, under the run directory."""
 DATASET_DIR = "preferences"
 """The labelled dataset (save_to_disk), its README.md card and stats.json, under the run directory."""
-COLUMNS: tuple[str, ...] = (
-    "prompt_index", "prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "flipped",
-    "chosen_ended", "rejected_ended",
-)
-"""Columns of the labelled dataset, in order (TRL's explicit-prompt format plus gold and flags)."""
+COLUMNS: tuple[str, ...] = ("prompt_index", *REQUIRED_COLUMNS, *GOLD_COLUMNS, FLIPPED_COLUMN, *ENDED_COLUMNS)
+"""Columns of the labelled dataset, in order: the prompt's index, then the preference schema
+(rlhf_overopt.data.preferences: TRL's explicit-prompt format plus gold and flags)."""
 
 
 # -- pairing: shared with the testbed ---------------------------------------------------------------

@@ -9,7 +9,7 @@ common prefix cut back to a word boundary) and returns the explicit one. Optiona
 boolean chosen_ended / rejected_ended say whether a response ended with EOS (default True: a
 finished text, as TRL assumes); gold_chosen / gold_rejected (the testbed's chosen_gold /
 rejected_gold) are gold scores, giving clean-label accuracy; flipped (label_flipped) marks a
-label flipped by noise. Rows are checked one by one and a bad row is reported by its index and
+label flipped by noise. These names are the schema, declared once below (PREFERENCE_COLUMNS). Rows are checked one by one and a bad row is reported by its index and
 field.
 
 Testbed quality tiers (the MADPO experiment, Rho 2025): the high tier is the testbed's pairs as
@@ -43,11 +43,38 @@ from typing import Any
 
 import torch
 
+# The preference schema, declared once: every writer (label_preferences, the testbed) names its
+# columns from here, and every reader finds them through `column_of`.
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 ENDED_COLUMNS: tuple[str, ...] = ("chosen_ended", "rejected_ended")
+"""Whether each response ended with EOS (optional; default True, a finished text)."""
 GOLD_COLUMNS: tuple[str, ...] = ("gold_chosen", "gold_rejected")
-ALIASES: dict[str, str] = {"chosen_gold": "gold_chosen", "rejected_gold": "gold_rejected", "label_flipped": "flipped"}
-"""Other names of the optional columns (the testbed's) -> the names label_preferences writes."""
+"""Gold score of each response (optional): clean labels, for accuracy against them."""
+FLIPPED_COLUMN = "flipped"
+"""Whether label noise flipped the pair (optional)."""
+PREFERENCE_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *ENDED_COLUMNS, *GOLD_COLUMNS, FLIPPED_COLUMN)
+"""Every column of the schema, in order, under its one name (what normalize_preferences returns)."""
+TESTBED_NAMES: dict[str, str] = {"gold_chosen": "chosen_gold", "gold_rejected": "rejected_gold",
+                                 "flipped": "label_flipped"}
+"""The testbed's spelling of three schema columns, kept on purpose: testbed preference datasets are
+cached on disk in folders keyed by the testbed's config and TESTBED_VERSION, so renaming them would
+break every existing cache (or, with a new version, rebuild every testbed and its proxies). Readers accept it in one place, `column_of`."""
+ALIASES: dict[str, str] = {spelled: name for name, spelled in TESTBED_NAMES.items()}
+"""The testbed's names -> the schema's, renamed by normalize_preferences."""
+
+
+def column_of(names: Sequence[str], column: str) -> str | None:
+    """The name under which a dataset with columns `names` holds schema `column`: the schema's own
+    name, else the testbed's spelling (TESTBED_NAMES); None when it has neither."""
+    if column in names:
+        return column
+    spelled = TESTBED_NAMES.get(column)
+    return spelled if spelled is not None and spelled in names else None
+
+
+def testbed_column(column: str) -> str:
+    """The name the testbed writes schema `column` under (TESTBED_NAMES, else the schema's name)."""
+    return TESTBED_NAMES.get(column, column)
 FORMATS = "prompt, chosen, rejected (explicit prompt) or chosen, rejected (implicit prompt; TRL's formats)"
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -177,9 +204,8 @@ def normalize_preferences(data, source: str = "dataset"):
 
     TRL ("Dataset formats", explicit vs implicit prompt): explicit rows carry prompt, chosen and
     rejected; implicit rows carry only chosen and rejected full texts, whose shared prompt is
-    recovered here (`implicit_prompt`). Column aliases are renamed to one name each (ALIASES: the
-    testbed's chosen_gold / rejected_gold / label_flipped and label_preferences' gold_chosen /
-    gold_rejected / flipped). Every row is then checked (`validate_preference_rows`).
+    recovered here (`implicit_prompt`). The testbed's spellings (TESTBED_NAMES: chosen_gold /
+    rejected_gold / label_flipped) are renamed to the schema's (gold_chosen / gold_rejected / flipped). Every row is then checked (`validate_preference_rows`).
     """
     for alias, name in ALIASES.items():
         if alias in data.column_names and name not in data.column_names:

@@ -41,8 +41,10 @@ from tqdm.auto import tqdm
 from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.config.plan import preference_schedule
 from rlhf_overopt.data.preferences import (
+    GOLD_COLUMNS,
     PreferenceDataError,
     collate_pairs,
+    column_of,
     corpus_tier,
     ended_flags,
     fit_response_budget,
@@ -123,9 +125,10 @@ def load_pairs(ctx: RunContext, gold, tokenizer) -> tuple[dict[str, list[Any]], 
             gold_fn=gold.score, label_noise=tb.label_noise)
         info.update(stats.as_dict())
     info["n_pairs"] = len(columns["prompt"])
-    if "chosen_gold" in columns:
-        gold_c = torch.tensor(columns["chosen_gold"], dtype=torch.float64)
-        gold_r = torch.tensor(columns["rejected_gold"], dtype=torch.float64)
+    gold_chosen, gold_rejected = (column_of(list(columns), c) for c in GOLD_COLUMNS)
+    if gold_chosen is not None and gold_rejected is not None:
+        gold_c = torch.tensor(columns[gold_chosen], dtype=torch.float64)
+        gold_r = torch.tensor(columns[gold_rejected], dtype=torch.float64)
         info["label_gold_agreement"] = float((gold_c > gold_r).double().mean())
     return columns, info
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from rlhf_overopt.config.sections import ProxyConfig
-from rlhf_overopt.data.preferences import EncodedPairs
+from rlhf_overopt.data.preferences import GOLD_COLUMNS, EncodedPairs, column_of
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.ops.losses import bradley_terry_loss
 from rlhf_overopt.ops.warm import average_state_dicts, state_dict_hash
@@ -90,8 +90,8 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> EncodedPairs:
     """Tokenize a preference `datasets.Dataset` once, for training and evaluation.
 
     Needs columns prompt, chosen, rejected; chosen_ended / rejected_ended default to True (a
-    finished text) and gold_chosen / gold_rejected (the testbed's chosen_gold / rejected_gold),
-    when present, give the clean labels.
+    finished text) and gold_chosen / gold_rejected (the testbed's chosen_gold / rejected_gold, found
+    by `column_of`), when present, give the clean labels.
     """
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -104,12 +104,11 @@ def encode_pairs(dataset, tokenizer, max_length: int) -> EncodedPairs:
         tokenizer, prompts, list(dataset["rejected"]), _column(dataset, "rejected_ended", True), max_length
     )
     better = tie = None
-    for gold_chosen, gold_rejected in (("chosen_gold", "rejected_gold"), ("gold_chosen", "gold_rejected")):
-        if gold_chosen in dataset.column_names and gold_rejected in dataset.column_names:
-            gold_c = torch.as_tensor(list(dataset[gold_chosen]), dtype=torch.float64)
-            gold_r = torch.as_tensor(list(dataset[gold_rejected]), dtype=torch.float64)
-            better, tie = gold_c > gold_r, gold_c == gold_r
-            break
+    gold_chosen, gold_rejected = (column_of(dataset.column_names, c) for c in GOLD_COLUMNS)
+    if gold_chosen is not None and gold_rejected is not None:
+        gold_c = torch.as_tensor(list(dataset[gold_chosen]), dtype=torch.float64)
+        gold_r = torch.as_tensor(list(dataset[gold_rejected]), dtype=torch.float64)
+        better, tie = gold_c > gold_r, gold_c == gold_r
     return EncodedPairs(chosen, rejected, better, tie)
 
 

@@ -27,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from rlhf_overopt.config.sections import TestbedConfig
 from rlhf_overopt.data.labeling import pair_and_label
+from rlhf_overopt.data.preferences import PREFERENCE_COLUMNS, testbed_column
 from rlhf_overopt.run.progress import bar
 from rlhf_overopt.testbed.corpus import generate_reviews
 from rlhf_overopt.testbed.gold import TestbedGold, response_length
@@ -35,11 +36,9 @@ logger = logging.getLogger(__name__)
 
 PREFS_STATS_FILE = "pairs_clean_agreement.json"
 """Statistics of the preference dataset (agreement with clean gold, ties, flips), in prefs_dir."""
-PREF_COLUMNS: tuple[str, ...] = (
-    "prompt_id", "prompt", "chosen", "rejected", "chosen_ended", "rejected_ended", "chosen_gold",
-    "rejected_gold", "label_flipped", "chosen_ids", "rejected_ids",
-)
-"""Columns of the preference dataset, in order."""
+PREF_COLUMNS: tuple[str, ...] = ("prompt_id", *map(testbed_column, PREFERENCE_COLUMNS), "chosen_ids", "rejected_ids")
+"""Columns of the preference dataset, in order: the preference schema (rlhf_overopt.data.preferences) in the
+testbed's spelling (chosen_gold, rejected_gold, label_flipped), between the prompt id and the response token ids."""
 
 
 
