@@ -26,7 +26,7 @@ The stages of one RL iteration, in the order a driver calls them:
                 values.py   rewards/gold                     streams.py
                 references.py
 
-    records.py       the typed records passed between stages (PromptBatch, Rollout)
+    records.py       the typed records passed between stages (PromptBatch, Rollout, EvalSamples, EvalPoint)
     rollout.py       sample responses from a policy; per-token log-probs
     values.py        the value model of PPO-style methods (S scalar heads)
     references.py    PAR's reference responses per prompt (reward shaping by reference)

@@ -6,7 +6,8 @@
       ─▶ proxy members (K, B) -> aggregate -> proxy_score (B,)   [or component ensembles (N, B)]
       ─▶ gold_score (B,)
       ─▶ [aggregate.shaping=par: proxy_shaped (B,) against the prompt's cached references]
-      ─▶ gather every rank's per-sample numbers ─▶ EvalPoint ─▶ EvalLog: curves.jsonl, samples, W&B
+      ─▶ EvalSamples (this rank's, typed; rlhf_overopt.records) ─▶ gather_samples (every rank's, field
+         by field) ─▶ eval_point ─▶ EvalPoint ─▶ EvalLog: curves.jsonl (run.directory.curve_row), samples, W&B
 
 Every row carries the overoptimization signals (rlhf_overopt.ops.signals), computed on the gathered
 samples of all ranks: proxy_member_std (ensemble disagreement), proxy_gold_spearman (does the
