@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import yaml
 
 from analysis.load import find_run_dirs, load_runs
 from analysis.seeds import Pooled, group_by_setting, pooled_curve, pooled_summary
+from analysis.stats import Comparison, Run, collapse_rate, compare_arms, drop_rate, paired, robust_location
 from analysis.trajectories import summary_row
 from rlhf_overopt.config.methods import fit_form
 
@@ -62,6 +64,111 @@ def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[
     return out
 
 
+
+# --- comparisons (DESIGN.md 6.15): paired where pairing is provable, Welch otherwise, with power ---------
+
+@dataclass(frozen=True)
+class Seeded:
+    """One arm's outcome at one seed: the value, the run directories it was read from and the identity
+    (proxy_cache_key, initial_policy, eval_prompts, ...) their config records under `_meta.identity`."""
+
+    value: float
+    runs: frozenset[str]
+    identity: dict | None = None
+
+
+def recorded_identity(config: dict) -> dict | None:
+    """What the seed fixed, as the run recorded it (`_meta.identity`); None for records that predate it."""
+    identity = (config.get("_meta") or {}).get("identity") if isinstance(config, dict) else None
+    return dict(identity) if identity else None
+
+
+def _identity_of(configs: Sequence[dict]) -> dict | None:
+    """The identity every one of the configs records alike, else None."""
+    found = [recorded_identity(c) for c in configs]
+    return found[0] if found and all(f is not None and f == found[0] for f in found) else None
+
+
+COMPARISON_HEADER = ("| comparison: X vs Y | outcome | deciding estimator | seeds | X − Y [95% interval] | p | "
+                     "detectable (80% power, 5% level) | verdict | per-seed paired t (seed-matched, unverified) |\n"
+                     "|---|---|---|---|---|---|---|---|---|")
+"""Every comparison table's header: the estimator that decides, the design, and beside a Welch verdict
+the per-seed paired result a reader would get if the seed-matched runs did share their seed's proxies,
+initial policy and prompts (the records do not say so)."""
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def compare(x: dict, y: dict) -> tuple[Comparison | None, str, Comparison | None]:
+    """X against Y from {seed: Seeded}: (the deciding comparison of X - Y, its label, the per-seed paired
+    comparison shown beside a Welch one).
+
+    Two outcomes pair when they were read from the same runs (best-of-n objectives ranking one pool)
+    or their runs record the same identity; when every seed pairs, the paired t decides. Otherwise
+    Welch decides, and on the seeds both arms have (two or more) the paired t is computed beside it,
+    unverified. An arm with one seed is not compared (None)."""
+    if len(x) < 2 or len(y) < 2:
+        return None, f"not compared: {min(len(x), len(y))} seed", None
+
+    def runs(arm: dict, other: dict) -> list[Run]:
+        out = []
+        for seed, s in sorted(arm.items(), key=lambda kv: repr(kv[0])):
+            o = other.get(seed)
+            same = o is not None and s.runs == o.runs
+            out.append(Run(seed, s.value, {"runs": tuple(sorted(s.runs))} if same else s.identity))
+        return out
+
+    ry, rx = runs(y, x), runs(x, y)
+    c = compare_arms(ry, rx)
+    if c.estimator == "paired t":
+        same = all(r.identity and "runs" in r.identity for r in rx)
+        return c, "paired t (same runs)" if same else "paired t (identities match)", None
+    why = [text for key, text in (("no identity recorded", "identities not recorded"),
+                                  ("identity differs", "identities differ"),
+                                  ("no run at this seed", "seeds differ")) if key in c.pairing_note]
+    label = f"Welch ({', '.join(why) or 'unpaired'})"
+    common = sorted(set(x) & set(y), key=repr)
+    beside = None
+    if len(common) >= 2:
+        beside = paired([y[s].value for s in common], [x[s].value for s in common], seeds=common)
+    return c, label, beside
+
+
+def _seeds_text(c: Comparison) -> str:
+    return f"{c.n_a} pairs" if c.estimator == "paired t" else f"{c.n_b} + {c.n_a}"
+
+
+def _paired_text(c: Comparison, x: dict, y: dict, name_x: str, name_y: str) -> str:
+    """The per-seed paired result: X - Y with its t interval, p, seeds with X > Y, detectable difference, verdict."""
+    ahead = sum(x[s].value > y[s].value for s in c.seeds)
+    on = "" if c.n_a == len(x) == len(y) else f" on the {c.n_a} common seeds"
+    p = _p(c.p)
+    return (f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{on}, p{p if p[0] == '<' else '=' + p}, "
+            f"X > Y at {ahead}/{c.n_a} seeds, "
+            f"detectable ±{c.detectable:.3f}: {c.verdict(name_y, name_x)}")
+
+
+def comparison_row(label: str, what: str, name_x: str, x: dict, name_y: str, y: dict) -> str:
+    """One row of a comparison table (COMPARISON_HEADER): X against Y on `what` (see `compare`)."""
+    c, estimator, beside = compare(x, y)
+    if c is None:
+        return f"| {label} | {what} | — | {len(x)} + {len(y)} | — | — | — | {estimator} | — |"
+    side = "—" if beside is None else _paired_text(beside, x, y, name_x, name_y)
+    return (f"| {label} | {what} | {estimator} | {_seeds_text(c)} | {c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}] | "
+            f"{_p(c.p)} | ±{c.detectable:.3f} | {c.verdict(name_y, name_x)} | {side} |")
+
+
+def tails(final: Sequence[float], peak: Sequence[float], initial: Sequence[float]) -> list[str]:
+    """The tails of a group of RL runs (Agarwal et al. 2021): a robust location of final gold (median and
+    worst below 5 seeds, IQM from 5), the runs that ended below their initial policy's gold and those
+    that lost more than half of their peak gain, each with its Wilson interval."""
+    return [robust_location(final).text(), collapse_rate(final, initial).text(), drop_rate(final, peak, initial).text()]
+
+
+TAIL_HEADER = ["final gold: median, worst / IQM", "ended below the start", "lost > half its gain"]
+
 SETTING_DEFAULTS = {"aggregate.shaping": "none", "proxy.kind": "independent"}
 """Values of `group_by` keys that do not show in a row's label."""
 
@@ -87,13 +194,22 @@ def _rl_curves(spec: dict, results: Path) -> list:
     return out
 
 
+def _by_seed(items: Sequence[tuple[object, str, float, dict | None]]) -> dict:
+    """{seed: Seeded} from (seed, run directory, value, identity); a seed seen twice (or none) is
+    keyed by its run as well, so it pairs with nothing."""
+    seeds = [seed for seed, *_ in items]
+    return {(seed if seed is not None and seeds.count(seed) == 1 else f"{seed}:{Path(run).name}"):
+            Seeded(value, frozenset({run}), identity) for seed, run, value, identity in items}
+
+
 def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """RL runs pooled over seeds per (method, aggregator): peak gold (d at peak), final gold, drop and
-    gold at each matched distance, as mean ± std [95% bootstrap interval], and which pairs of rows'
-    final-gold intervals overlap: each row against its method's single proxy (member_i); with
-    `baseline_method: M` each other method's row against M's row of the same setting, on peak and
-    final gold (DPO vs MADPO at one beta); with `baseline_aggregator: A` each row against A's row of
-    the same setting (UWO vs member_0 at one KL coefficient). `order: [labels]` orders the rows. `label: setting` labels rows by their group_by values only."""
+    gold at each matched distance, as mean ± std [95% bootstrap interval], and the tails of final gold
+    (`tails`). Then a comparison table (`comparison_row`): each row against its method's single proxy
+    (member_i) on final gold; with `baseline_method: M` each other method's row against M's row of the
+    same setting, on peak and final gold (DPO vs MADPO at one beta); with `baseline_aggregator: A` each
+    row against A's row of the same setting (UWO vs member_0 at one KL coefficient). `order: [labels]`
+    orders the rows. `label: setting` labels rows by their group_by values only."""
     at = [float(x) for x in spec.get("at", [4, 8])]
     groups = group_by_setting(_rl_curves(spec, results))
     if spec.get("order"):  # rows in the spec's order of labels (e.g. data tiers high, medium, low), then the rest
@@ -101,27 +217,36 @@ def rl_seeds_table(spec: dict, results: Path = RESULTS) -> str:
         groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]) if kv[0][1] in order
                                                             else len(order), kv[0][1])))
     column = "setting" if spec.get("label") == "setting" else "aggregator"
-    header = ["method", column, "seeds", "peak gold", "d at peak", "final gold", "drop", *(f"gold at d = {x:g}" for x in at)]
+    header = ["method", column, "seeds", "peak gold", "d at peak", "final gold", *TAIL_HEADER, "drop",
+              *(f"gold at d = {x:g}" for x in at)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    summaries: dict[tuple[str, str], dict] = {}
+    outcomes: dict[tuple[str, str], dict[str, dict]] = {}
     for (method, agg), group in groups.items():
-        s = summaries[(method, agg)] = pooled_summary(group, at)
+        s = pooled_summary(group, at)
+        rows = [summary_row(c, []) for c in group]
+        initial = [float(c.gold[np.argsort(c.step, kind="stable")][0]) for c in group]  # gold at the run's first step
+        outcomes[(method, agg)] = {w: _by_seed([(c.seed, str(c.run_dir), r[w], _identity_of([dict(c.config)]))
+                                                for c, r in zip(group, rows)]) for w in ("peak", "final")}
         cells = [method, agg, str(len(group)), s["peak"].text(), f"{s['d_peak'].mean:.1f}", s["final"].text(),
+                 *tails([r["final"] for r in rows], [r["peak"] for r in rows], initial),
                  f"{s['drop'].mean:.2f}", *("—" if s[f"gold_at_{x:g}"] is None else s[f"gold_at_{x:g}"].text()
                                           for x in at)]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = []
-    for (method, label), (other, note, what) in _rl_baselines(spec, list(groups)).items():
+    comparisons = [COMPARISON_HEADER]
+    for (method, label), (other, name, what, name_x, name_y) in _rl_baselines(spec, list(groups)).items():
         for w in what:
-            verdict = summaries[(method, label)][w].verdict(summaries[other][w])
-            notes.append(note.format(what=w) + f": intervals {verdict}")
-    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+            comparisons.append(comparison_row(name, f"{w} gold", name_x, outcomes[(method, label)][w], name_y,
+                                              outcomes[other][w]))
+    if len(comparisons) == 1:
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(comparisons) + "\n"
 
 
 def _rl_baselines(spec: dict, keys: list[tuple[str, str]]) -> dict:
-    """(method, label) -> (its baseline row, the note naming the pair with {what} for the quantity,
-    the quantities compared): `baseline_aggregator` (same setting), `baseline_method` (same label), or
-    by default the method's first single-proxy (member_i) row, on final gold."""
+    """(method, label) -> (its baseline row, the comparison's name, the quantities compared, the names of
+    the row and of its baseline in a verdict):
+    `baseline_aggregator` (same setting), `baseline_method` (same label), or by default the method's
+    first single-proxy (member_i) row, on final gold."""
     out = {}
     for method, label in keys:
         if spec.get("baseline_aggregator"):
@@ -129,15 +254,15 @@ def _rl_baselines(spec: dict, keys: list[tuple[str, str]]) -> dict:
             head, *rest = label.split(" ")
             other = (method, " ".join([base, *rest]))
             if head != base and other in keys:
-                out[(method, label)] = (other, f"{method}: {{what}} gold of {label} vs {other[1]}", ("peak", "final"))
+                out[(method, label)] = (other, f"{method}: {label} vs {other[1]}", ("peak", "final"), label, other[1])
         elif spec.get("baseline_method"):
             other = (spec["baseline_method"], label)
             if method != other[0] and other in keys:
-                out[(method, label)] = (other, f"{label}: {{what}} gold of {method} vs {other[0]}", ("peak", "final"))
+                out[(method, label)] = (other, f"{label}: {method} vs {other[0]}", ("peak", "final"), method, other[0])
         else:
             single = next((k for k in keys if k[0] == method and k[1].startswith("member_")), None)
             if single is not None and (method, label) != single:
-                out[(method, label)] = (single, f"{method}: {{what}} gold of {label} vs {single[1]}", ("final",))
+                out[(method, label)] = (single, f"{method}: {label} vs {single[1]}", ("final",), label, single[1])
     return out
 
 
@@ -237,12 +362,15 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """Best-of-n curves pooled over seeds per (setting, objective): peak gold, d at the peak, gold at
     the largest n and the drop (peak - gold at the largest n), as mean ± std [95% bootstrap interval]
     over seeds (a seed's single-member numbers are the mean over its K members; d is sqrt of the spec's
-    `x`: the analytic `kl` or the exact pool KL `kl_pool`), and whether each
-    objective's peak and largest-n gold intervals overlap the single members' of the same setting."""
+    `x`: the analytic `kl` or the exact pool KL `kl_pool`). Then a comparison table (`comparison_row`)
+    of each objective against the single members of the same setting (or of `baseline_setting`), and
+    of the spec's named `pairs`, on peak gold and gold at the largest n: objectives ranking the same
+    run's pool pair by seed and the paired t decides."""
     groups = _bon_groups(spec, results)
     lines = ["| setting | objective | seeds | peak gold | d at peak | gold at the largest n (d) | drop |",
              "|---|---|---|---|---|---|---|"]
     pooled: dict[tuple[str, str], dict[str, Pooled]] = {}
+    outcomes: dict[tuple[str, str], dict[str, dict]] = {}
     order = spec.get("objectives")
     for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]) if order and k[1] in order else len(order or ()),
                                             k[1])):
@@ -253,29 +381,35 @@ def bon_seeds_table(spec: dict, results: Path = RESULTS) -> str:
             rows = [summary_row(c, []) for c in curves]
             per_seed.append({f: float(np.mean([r[f] for r in rows])) for f in ("peak", "d_peak", "final", "d_final",
                                                                                  "drop")})
-        s = {f: Pooled.of([r[f] for r in per_seed]) for f in per_seed[0]}
+            per_seed[-1]["seeded"] = (seed, frozenset(str(c.run_dir) for c in curves),
+                                      _identity_of([dict(c.config) for c in curves]))
+        s = {f: Pooled.of([r[f] for r in per_seed]) for f in ("peak", "d_peak", "final", "d_final", "drop")}
         pooled[key] = s
+        outcomes[key] = {f: {r["seeded"][0]: Seeded(r[f], r["seeded"][1], r["seeded"][2]) for r in per_seed}
+                         for f in ("peak", "final")}
         lines.append(f"| {key[0]} | {key[1]} | {len(per_seed)} | {s['peak'].text()} | {s['d_peak'].mean:.2f} | "
                      f"{s['final'].text()} ({s['d_final'].mean:.2f}) | {s['drop'].text()} |")
-    notes = []
-    for (setting, objective), s in pooled.items():
+    comparisons = [COMPARISON_HEADER]
+    what = (("peak", "peak gold"), ("final", "gold at the largest n"))
+    for (setting, objective) in pooled:
         against = setting if (setting, SINGLE) in pooled else spec.get("baseline_setting")
-        single = pooled.get((against, SINGLE))
-        if single is None or objective == SINGLE:
+        if (against, SINGLE) not in pooled or objective == SINGLE:
             continue
-        verdicts = [f"{what} {s[f].verdict(single[f])}"
-                    for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
         whose = "single members" if against == setting else f"the single members of {against}"
-        notes.append(f"{setting}: {objective} vs {whose}: " + "; ".join(verdicts))
+        for f, w in what:
+            comparisons.append(comparison_row(f"{setting}: {objective} vs {whose}", w, objective,
+                                              outcomes[(setting, objective)][f], whose,
+                                              outcomes[(against, SINGLE)][f]))
     for a_setting, a_objective, b_setting, b_objective in spec.get("pairs", []):  # named cross-setting comparisons
-        a, b = pooled.get((a_setting, a_objective)), pooled.get((b_setting, b_objective))
-        if a is None or b is None:
+        a, b = (a_setting, a_objective), (b_setting, b_objective)
+        if a not in pooled or b not in pooled:
             continue
-        verdicts = [f"{what} {a[f].verdict(b[f])}"
-                    for f, what in (("peak", "peak-gold intervals"), ("final", "largest-n gold intervals"))]
-        notes.append(f"{a_setting} {a_objective} ({a['peak'].mean:+.2f} at the peak) vs {b_setting} {b_objective} "
-                     f"({b['peak'].mean:+.2f}): " + "; ".join(verdicts))
-    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+        for f, w in what:
+            comparisons.append(comparison_row(f"{a_setting} {a_objective} vs {b_setting} {b_objective}", w,
+                                              " ".join(a), outcomes[a][f], " ".join(b), outcomes[b][f]))
+    if len(comparisons) == 1:
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(comparisons) + "\n"
 
 
 def bon_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:
@@ -382,7 +516,8 @@ def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], l
         first, last = rows[0]["component_scores"], rows[-1]["component_scores"]
         names = rows[0].get("component_names", names)
         per_setting.setdefault(setting, []).append({
-            "rows": rows, "gold0": gold0,
+            "rows": rows, "gold0": gold0, "seed": config.get("seed"), "run": str(run),
+            "identity": recorded_identity(config), "initial": rows[0]["gold_score"] - gold0,
             "final": rows[-1]["gold_score"] - gold0, "peak": max(r["gold_score"] for r in rows) - gold0,
             "kl": rows[-1]["kl"], "steps": rows[-1]["step"], "components": last,
             "hv": points_hypervolume(np.array([last], dtype=np.float64), np.array(first, dtype=np.float64) - offset)})
@@ -391,31 +526,36 @@ def _composite_runs(spec: dict, results: Path) -> tuple[dict[str, list[dict]], l
 
 def composite_seeds_table(spec: dict, results: Path = RESULTS) -> str:
     """Composite-reward runs (two or more component proxies) pooled over seeds per setting
-    (_composite_runs): final gold and peak gold (relative to the initial policy), KL at the end,
-    each component's proxy score at the end, and the hypervolume of the final component point
-    against the step-0 point minus `hv_offset` (1 by default, weighting.hv_reference_offset's
-    default), as mean ± std [95% bootstrap interval]; then, against the `baseline` setting, whether
-    the final-gold and hypervolume intervals overlap."""
+    (_composite_runs): final gold and peak gold (relative to the initial policy) with the tails of final
+    gold (`tails`), KL at the end, each component's proxy score at the end, and the hypervolume of the
+    final component point against the step-0 point minus `hv_offset` (1 by default,
+    weighting.hv_reference_offset's default), as mean ± std [95% bootstrap interval]; then a comparison
+    table (`comparison_row`) of each setting against the `baseline` setting on final gold and hypervolume."""
     per_setting, names = _composite_runs(spec, results)
-    lines = ["| setting | seeds | steps | final gold | peak gold | KL at the end | "
+    lines = ["| setting | seeds | steps | final gold | " + " | ".join(TAIL_HEADER) + " | peak gold | KL at the end | "
              + " | ".join(f"{n} at the end" for n in names) + " | hypervolume of the final point |",
-             "|" + "---|" * (7 + len(names))]
+             "|" + "---|" * (10 + len(names))]
     pooled: dict[str, dict[str, Pooled]] = {}
     for setting, runs in per_setting.items():
         pooled[setting] = {k: Pooled.of([r[k] for r in runs]) for k in ("final", "peak", "hv")}
         kl = [r["kl"] for r in runs]
         comps = [f"{np.mean([r['components'][j] for r in runs]):.2f}" for j in range(len(names))]
         lines.append("| " + " | ".join([setting, str(len(runs)), str(runs[0]["steps"]), pooled[setting]["final"].text(),
+                                         *tails([r["final"] for r in runs], [r["peak"] for r in runs],
+                                                [r["initial"] for r in runs]),
                                          pooled[setting]["peak"].text(), f"{min(kl):.1f}–{max(kl):.1f}", *comps,
                                          pooled[setting]["hv"].text(".2f")]) + " |")
-    notes = []
+    comparisons = [COMPARISON_HEADER]
     base = spec.get("baseline")
-    for setting in pooled:
-        if base in pooled and setting != base:
+    for setting, runs in per_setting.items():
+        if base in per_setting and setting != base:
             for what, key in (("final gold", "final"), ("hypervolume", "hv")):
-                verdict = pooled[setting][key].verdict(pooled[base][key])
-                notes.append(f"{what} of {setting} vs {base}: intervals {verdict}")
-    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                x, y = ([(r["seed"], r["run"], r[key], r["identity"]) for r in rs] for rs in (runs, per_setting[base]))
+                comparisons.append(comparison_row(f"{setting} vs {base}", what, setting, _by_seed(x), base,
+                                                  _by_seed(y)))
+    if len(comparisons) == 1:
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(comparisons) + "\n"
 
 
 def composite_seeds_figure(spec: dict, out: Path, results: Path = RESULTS) -> Path:

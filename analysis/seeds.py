@@ -3,8 +3,9 @@ each quantity over seeds, per evaluation point and for the run-level numbers (pe
 peak, final gold, drop, gold at a matched distance).
 
 One seed is a sample: an RL run's curve moves with the seed of its proxies, rollouts and
-evaluation draws, so a comparison is stated with its interval over seeds, and two rows whose
-intervals overlap are said to be indistinguishable at that number of seeds.
+evaluation draws, so each number is stated with its spread and interval over seeds. These describe
+one arm; two arms are compared by analysis.stats (per-seed differences where the runs provably share a
+seed's proxies, initial policy and prompts, Welch otherwise), never by whether their intervals overlap.
 """
 
 from __future__ import annotations
@@ -46,16 +47,6 @@ class Pooled:
         x = np.asarray(values, dtype=np.float64)
         lo, hi = bootstrap_interval(x)
         return cls(tuple(float(v) for v in x), float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0, lo, hi)
-
-    def overlaps(self, other: Pooled) -> bool:
-        return self.low <= other.high and other.low <= self.high
-
-    def verdict(self, other: Pooled) -> str:
-        """"overlap" or "do not overlap" for the two 95% intervals; a side with one seed has no
-        interval, so then the comparison is not made ("not compared: one seed")."""
-        if len(self.values) < 2 or len(other.values) < 2:
-            return "not compared: one seed"
-        return "overlap" if self.overlaps(other) else "do not overlap"
 
     def text(self, fmt: str = "+.2f") -> str:
         if len(self.values) == 1:

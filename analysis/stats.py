@@ -4,8 +4,8 @@ rates with Wilson intervals; robust locations for heavy-tailed outcomes.
 
 Two arms run at the same seeds differ by much less than two seeds of one arm do (the seed moves both
 arms' proxies, initial policy and prompts together), so they are compared by the per-seed
-differences d = b - a, not by whether two intervals over seeds overlap (analysis/seeds.py,
-`Pooled.verdict`, which misses a small effect under a large shared seed effect). The paired t
+differences d = b - a, not by whether two intervals over seeds overlap (the tables' former test,
+which misses a small effect under a large shared seed effect). The paired t
 interval of the mean difference decides the verdict; the sign test, the Wilcoxon signed-rank test,
 the probability of improvement (Agarwal et al. 2021, "Deep Reinforcement Learning at the Edge of the
 Statistical Precipice") and, from 10 pairs, a paired bootstrap interval are shown beside it, since

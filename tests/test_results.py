@@ -87,8 +87,7 @@ def test_pooled_numbers_by_hand():
     p = Pooled.of([0.1, 0.3, 0.5])
     assert p.mean == pytest.approx(0.3) and p.std == pytest.approx(0.2)  # sample std
     assert 0.1 <= p.low <= p.mean <= p.high <= 0.5
-    assert Pooled.of([0.0, 0.1]).overlaps(Pooled.of([0.05, 0.2]))
-    assert not Pooled.of([0.0, 0.01, 0.02]).overlaps(Pooled.of([1.0, 1.01, 1.02]))
+    assert not hasattr(p, "overlaps") and not hasattr(p, "verdict")  # intervals describe one arm, never compare two
     assert bootstrap_interval([2.0]) == (2.0, 2.0)
     assert bootstrap_interval([1.0, 2.0, 3.0]) == bootstrap_interval([1.0, 2.0, 3.0])  # seeded
 
@@ -132,7 +131,13 @@ def test_bon_seeds_table_by_hand(tmp_path):
     uwo = next(x for x in lines if x.startswith("| kind independent | uwo"))
     assert "| 2 | +0.70 ± 0.14" in uwo and "+0.70 ± 0.14 [+0.60, +0.80] (0.80)" in uwo  # d = sqrt(log 4 - 3/4)
     assert "| kind multihead | uwo | 1 | +0.20 |" in table  # one seed: no interval
-    assert "kind independent: uwo vs single members: peak-gold intervals do not overlap" in table
+    # uwo and the members rank the same run's pool: paired by seed, d = 0.6 - 0.4, 0.8 - 0.3 -> +0.35,
+    # sd 0.212, t_{0.975,1} = 12.706 -> +0.35 ± 1.906
+    row = next(x for x in lines if x.startswith("| kind independent: uwo vs single members | peak gold |"))
+    assert "| paired t (same runs) | 2 pairs | +0.350 [-1.556, +2.256] |" in row
+    assert "| not resolved at 2 seeds (would need about" in row and row.endswith("| — |")
+    assert "| kind multihead: uwo vs single members | peak gold | — | 1 + 1 |" in table
+    assert "not compared: 1 seed" in table
 
 
 def test_signals_table_by_hand(tmp_path):
@@ -183,11 +188,20 @@ def test_composite_seeds_table_by_hand(tmp_path):
             "baseline": "dynamic_ppo fixed"}
     table = composite_seeds_table(spec, tmp_path)
     # fixed: final gold 0.4 and 0.2 (relative to 0.2) -> +0.30 ± 0.14; peak 0.4, 0.5; KL 4-5; hv 4 and 3
-    assert "| dynamic_ppo fixed | 2 | 10 | +0.30 ± 0.14 [+0.20, +0.40] | +0.45 ± 0.07 [+0.40, +0.50] | 4.0–5.0 | 1.50 | 0.50 | 3.50 ± 0.71 [3.00, 4.00] |" in table
+    # tails: f1 peaked at +0.5 and ended at +0.2, losing more than half its gain
+    assert ("| dynamic_ppo fixed | 2 | 10 | +0.30 ± 0.14 [+0.20, +0.40] | median +0.30, worst +0.20 (n=2) | "
+            "0/2 = 0% [0%, 66%] | 1/2 = 50% [9%, 91%] | +0.45 ± 0.07 [+0.40, +0.50] | 4.0–5.0 | 1.50 | 0.50 | "
+            "3.50 ± 0.71 [3.00, 4.00] |") in table
     assert "| constrained_ppo inequality | 2 | 10 | +0.90 ± 0.14 [+0.80, +1.00] |" in table
     assert "8.00 ± 0.00 [8.00, 8.00] |" in table
-    assert "final gold of constrained_ppo inequality vs dynamic_ppo fixed: intervals do not overlap" in table
-    assert "hypervolume of constrained_ppo inequality vs dynamic_ppo fixed: intervals do not overlap" in table
+    # different runs without a recorded identity: Welch decides, +0.6 ± t_{0.975,2} * 0.1414 = ± 0.608;
+    # the per-seed differences (0.4, 0.8), sd 0.283, beside it
+    row = next(x for x in table.splitlines() if x.startswith("| constrained_ppo inequality vs dynamic_ppo fixed | final"))
+    assert "| Welch (identities not recorded) | 2 + 2 | +0.600 [-0.008, +1.208] |" in row
+    assert "| not resolved at 2 seeds per arm (would need about 3 per arm) |" in row
+    assert "| +0.600 [-1.941, +3.141], p=0.2, X > Y at 2/2 seeds, detectable ±" in row  # ± 12.706 * 0.2
+    # hypervolume 8, 8 vs 4, 3: +4.5, Welch se 0.5, df 1 -> [-1.853, +10.853]
+    assert "| constrained_ppo inequality vs dynamic_ppo fixed | hypervolume | Welch" in table
 
 
 def test_rl_seeds_table_against_a_baseline_method(tmp_path):
@@ -208,10 +222,15 @@ def test_rl_seeds_table_against_a_baseline_method(tmp_path):
             (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = rl_seeds_table({"name": "d", "group_by": ["dpo.beta"], "label": "setting", "baseline_method": "dpo",
                             "at": []}, tmp_path)
-    assert table.startswith("| method | setting | seeds | peak gold | d at peak | final gold | drop |\n")
-    assert "| dpo | beta=0.1 | 2 | +0.35 ± 0.07 [+0.30, +0.40] | 2.0 | +0.15 ± 0.07 [+0.10, +0.20] | 0.20 |" in table
-    assert "beta=0.1: peak gold of madpo vs dpo: intervals do not overlap" in table
-    assert "beta=0.1: final gold of madpo vs dpo: intervals do not overlap" in table
+    assert table.startswith("| method | setting | seeds | peak gold | d at peak | final gold | final gold: median, worst / "
+                            "IQM | ended below the start | lost > half its gain | drop |\n")
+    assert ("| dpo | beta=0.1 | 2 | +0.35 ± 0.07 [+0.30, +0.40] | 2.0 | +0.15 ± 0.07 [+0.10, +0.20] | "
+            "median +0.15, worst +0.10 (n=2) | 0/2 = 0% [0%, 66%] | 1/2 = 50% [9%, 91%] | 0.20 |") in table
+    # final: madpo 0.6, 0.7 vs dpo 0.1, 0.2 -> Welch +0.5 ± 4.303 * 0.0707; every seed +0.5 beside it
+    row = next(x for x in table.splitlines() if x.startswith("| beta=0.1: madpo vs dpo | final gold |"))
+    assert "| Welch (identities not recorded) | 2 + 2 | +0.500 [+0.196, +0.804] |" in row
+    assert "| madpo > dpo | +0.500 [+0.500, +0.500], p<0.001, X > Y at 2/2 seeds, detectable ±0.000: madpo > dpo |" in row
+    assert "| beta=0.1: madpo vs dpo | peak gold | Welch" in table
 
 
 def test_rl_seeds_table_against_a_baseline_aggregator_per_coefficient(tmp_path):
@@ -233,9 +252,12 @@ def test_rl_seeds_table_against_a_baseline_aggregator_per_coefficient(tmp_path):
             (run / "curves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = rl_seeds_table({"name": "k", "group_by": ["ppo.kl_coef"], "baseline_aggregator": "member_0", "at": []},
                            tmp_path)
-    assert "ppo: final gold of uwo kl_coef=0.03 vs member_0 kl_coef=0.03: intervals do not overlap" in table
-    assert "ppo: final gold of uwo kl_coef=0.1 vs member_0 kl_coef=0.1: intervals overlap" in table
-    assert table.count("intervals") == 4  # peak and final at each coefficient, nothing across them
+    rows = [x for x in table.splitlines() if x.startswith("| ppo: ")]
+    assert len(rows) == 4  # peak and final at each coefficient, nothing across them
+    assert any(x.startswith("| ppo: uwo kl_coef=0.03 vs member_0 kl_coef=0.03 | final gold |")
+               and "| uwo kl_coef=0.03 > member_0 kl_coef=0.03 |" in x for x in rows)
+    assert any(x.startswith("| ppo: uwo kl_coef=0.1 vs member_0 kl_coef=0.1 | final gold |")
+               and "| not resolved at 2 seeds per arm (would need about" in x for x in rows)
 
 
 def test_proxy_points_are_recorded_and_tabled(tmp_path):
@@ -257,11 +279,74 @@ def test_proxy_points_are_recorded_and_tabled(tmp_path):
     assert "| sentiment | 0.00 → 2.00 | 0.200 | 0.600 (2.00) | 0.200, 0.350, -0.050 | 2.00 |" in table
 
 
-def test_one_seed_is_not_compared():
-    """One seed has no interval: a verdict against it says so instead of 'do not overlap'."""
-    one, two, three = Pooled.of([0.5]), Pooled.of([0.1, 0.2]), Pooled.of([0.6, 0.7])
-    assert one.verdict(two) == "not compared: one seed" == two.verdict(one)
-    assert two.verdict(three) == "do not overlap" and three.verdict(Pooled.of([0.65, 0.8])) == "overlap"
+def _arm(values: dict, identity=None, runs=None) -> dict:
+    from analysis.results import Seeded
+
+    return {seed: Seeded(v, frozenset({runs or f"run-{id(values)}-{seed}"}), identity and identity(seed))
+            for seed, v in values.items()}
+
+
+def test_compare_pairs_only_provable_pairs():
+    """Recorded identities that match pair and the paired t decides; without them Welch decides and the
+    seed-matched paired t is shown beside it; one seed is not compared."""
+    from analysis.results import compare, comparison_row
+
+    a, b = {0: 1.0, 1: 0.2, 2: -1.0}, {0: 1.1, 1: 0.3, 2: -0.8}
+    same = {"proxy_cache_key": "p", "initial_policy": "pi", "eval_prompts": "e"}
+    c, label, beside = compare(_arm(b, lambda s: {**same, "seed": s}), _arm(a, lambda s: {**same, "seed": s}))
+    assert (c.estimator, label, beside) == ("paired t", "paired t (identities match)", None)
+    assert c.diff == pytest.approx(0.4 / 3)
+    c, label, beside = compare(_arm(b), _arm(a))
+    assert (c.estimator, label) == ("Welch", "Welch (identities not recorded)")
+    assert beside.estimator == "paired t" and beside.diff == pytest.approx(c.diff) and beside.high < c.high
+    differ = compare(_arm(b, lambda s: {**same, "seed": s}), _arm(a, lambda s: {**same, "seed": -s}))
+    assert differ[1] == "Welch (identities differ)"
+    assert compare(_arm({0: 0.5}), _arm(a))[:2] == (None, "not compared: 1 seed")
+    row = comparison_row("b vs a", "final gold", "b", _arm(b), "a", _arm(a))
+    assert row.count("|") == 10 and "not resolved at 3 seeds per arm" in row and "X > Y at 3/3 seeds" in row
+
+
+def test_published_comparisons_state_their_design():
+    """Every comparison row on the docs pages (which test_docs_match_the_records proves equal to what the
+    records give) names its estimator, seeds, interval, detectable difference and a verdict, never an
+    interval-overlap test; the per-seed numbers recomputed by hand in issue #25 are there."""
+    import itertools
+    import re
+
+    from analysis.results import COMPARISON_HEADER
+
+    pages = [(ROOT / "docs" / p).read_text() for p in ("results.md", "lab.md")]
+    header = COMPARISON_HEADER.splitlines()[0]
+    rows = []
+    for text in pages:
+        for table in text.split(header + "\n")[1:]:
+            lines = table.splitlines()
+            assert lines[0].startswith("|---")
+            rows += list(itertools.takewhile(lambda x: x.startswith("|"), lines[1:]))
+    assert len(rows) >= 100
+    verdict = re.compile(r"^(.+ > .+|not resolved at \d+(\+\d+)? seeds( per arm)? \(would need (about \d+|more than 10000)"
+                         r"( per arm)?\)|not compared: 1 seed)$")
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 9, row
+        _, _, estimator, seeds, interval, p, detectable, v, beside = cells
+        assert verdict.match(v), row
+        if estimator == "—":
+            continue
+        assert re.fullmatch(r"(paired t \((same runs|identities match)\)|Welch \(.+\))", estimator), row
+        assert re.fullmatch(r"\d+ pairs|\d+ \+ \d+", seeds), row
+        assert re.fullmatch(r"[+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]", interval), row
+        assert re.fullmatch(r"±\d+\.\d{3}", detectable) and re.fullmatch(r"<0\.001|[\d.e-]+", p), row
+        assert estimator.startswith("Welch") or beside == "—", row
+    for text in pages:
+        assert "overlap" not in "\n".join(x for x in text.splitlines() if x.startswith("|"))
+        assert "no difference" not in text
+    rows_of = {tuple(c.strip() for c in r.strip("|").split("|")[:2]): r for r in rows}
+    kl003 = rows_of[("ppo: uwo kl_coef=0.03 vs member_0 kl_coef=0.03", "final gold")]
+    assert "+0.107 [+0.015, +0.200], p=0.029, X > Y at 6/7 seeds" in kl003
+    assert "+0.142 [+0.046, +0.237], p=0.015, X > Y at 5/5 seeds" in rows_of[("beta=1.0: madpo vs dpo", "final gold")]
+    assert "+0.069 [-0.093, +0.231]" in rows_of[("ppo: uwo kl_coef=0.1 vs member_0 kl_coef=0.1", "final gold")]
+    assert "+0.079 [-0.139, +0.297]" in rows_of[("constrained_ppo inequality vs dynamic_ppo fixed", "final gold")]
 
 
 def test_benchmarks_table_reads_the_chosen_rows(tmp_path, monkeypatch):
