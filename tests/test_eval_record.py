@@ -74,3 +74,50 @@ def test_curve_row_puts_the_contract_first_and_derives_sqrt_kl():
     with pytest.raises(TypeError, match="sqrt_kl"):
         curve_row(method="bon", step=4, kl=1.0, proxy_score=1.0, proxy_member_scores=[1.0], gold_score=0.5,
                   sqrt_kl=1.0)
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        full = _composite_like(8)
+        half = slice(rank * 4, rank * 4 + 4)
+        mine = EvalSamples(kl=full.kl[half], gold_score=full.gold_score[half],
+                           response_length=full.response_length[half], ended=full.ended[half],
+                           proxy_score=full.proxy_score[half], member_scores=full.member_scores[:, half],
+                           member_names=full.member_names, member_groups=full.member_groups,
+                           component_names=full.component_names, component_scores=full.component_scores[:, half],
+                           gold_components=full.gold_components[:, half])
+        row = eval_point(gather_samples(mine), method="m", step=0, kl_estimator="k1", aggregator="mean",
+                         component_weights=[0.3, 0.7]).row()
+        if rank == 0:
+            torch.save(row, out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def _composite_like(b: int) -> EvalSamples:
+    g = torch.Generator().manual_seed(0)
+    comps = torch.randn(2, b, generator=g)
+    return EvalSamples(kl=torch.rand(b, generator=g), gold_score=torch.randn(b, generator=g),
+                       response_length=torch.randint(1, 9, (b,), generator=g).float(),
+                       ended=(torch.rand(b, generator=g) > 0.5).float(), proxy_score=torch.tensor([0.3, 0.7]) @ comps,
+                       member_scores=torch.randn(5, b, generator=g), member_names=[f"m{i}" for i in range(5)],
+                       member_groups=[3, 2], component_names=["a", "b"], component_scores=comps,
+                       gold_components=torch.randn(2, b, generator=g))
+
+
+def test_two_ranks_gathered_field_by_field_give_the_one_rank_row(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "row.pt"
+    mp.spawn(_rank_main, args=(2, port, str(out)), nprocs=2, join=True)
+    one = eval_point(_composite_like(8), method="m", step=0, kl_estimator="k1", aggregator="mean",
+                     component_weights=[0.3, 0.7]).row()
+    assert torch.load(out) == one  # bit for bit: the same numbers reduced in the same layout
