@@ -701,6 +701,49 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def _docstring_markdown(doc: str) -> list[str]:
+    """A module docstring as Markdown: indented paragraphs (the maps) become code blocks."""
+    lines, fence = [], False
+    for line in doc.splitlines():
+        indented = line.startswith("    ")
+        if indented and not fence:
+            lines.append("```")
+            fence = True
+        elif fence and line.strip() and not indented:
+            while not lines[-1].strip():
+                lines.pop()
+            lines += ["```", ""]
+            fence = False
+        lines.append(line[4:] if fence else line)
+    if fence:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines.append("```")
+    return lines
+
+
+def architecture_map(root: Path = ROOT) -> str:
+    """The package's map, drawn from its own docstrings (read with ast, nothing imported): the package
+    docstring without its title line, then one section per folder from the folder's `__init__.py`,
+    and each driver of loops/ by its docstring's first line."""
+    import ast
+
+    def doc(path: Path) -> str:
+        return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+
+    pkg = root / "rlhf_overopt"
+    lines = _docstring_markdown(doc(pkg / "__init__.py").split("\n", 2)[2])
+    folders = sorted(p.parent for p in pkg.glob("*/__init__.py"))
+    lines += ["", "## The folders"]
+    for folder in folders:
+        lines += ["", f"### `rlhf_overopt/{folder.name}/`", ""] + _docstring_markdown(doc(folder / "__init__.py"))
+        if folder.name == "loops":
+            lines += ["", "| driver | what it runs |", "|---|---|"]
+            lines += [f"| `{f.name}` | {_cell(doc(f).splitlines()[0])} |" for f in sorted(folder.glob("*.py"))
+                      if f.name != "__init__.py"]
+    return "\n".join(lines)
+
+
 def _cell(text: str) -> str:
     """Text safe in a Markdown table cell: code spans kept, `|` `<` `*` `_` escaped outside them."""
     parts = text.split("`")
@@ -730,7 +773,8 @@ def replace_block(text: str, name: str, table: str, family: str = "results") -> 
 
 def generated_blocks(results: Path = RESULTS) -> list[tuple[str, str, str, dict | None]]:
     """(family, name, the block's text, the experiment's spec or None) for every generated block."""
-    blocks = [("generated", "config", config_reference(), None)]
+    blocks = [("generated", "config", config_reference(), None),
+              ("generated", "architecture", architecture_map(), None)]
     for name, spec in experiments(results).items():
         spec = {"name": name, **spec}
         blocks.append(("results", name, TABLES[spec["kind"]](spec, results), spec))
