@@ -39,7 +39,7 @@ from rlhf_overopt.errors import InputError
 from rlhf_overopt.rewards.components import ComponentRewards, component_preferences, component_values
 from rlhf_overopt.rewards.ensemble import ENSEMBLE_FILE, ProxyEnsemble
 from rlhf_overopt.run import dist
-from rlhf_overopt.run.directory import RunDir, file_lock
+from rlhf_overopt.run.directory import RunDir, file_lock, sha256_file, sha256_json
 from rlhf_overopt.run.dist import DistInfo
 
 log = logging.getLogger("rlhf_overopt")
@@ -192,6 +192,26 @@ def proxy_cache_dir(cfg: Config, testbed, identity: dict[str, str] | None = None
     return cache_root(cfg, testbed) / f"proxies-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def saved_ensemble_identity(directory: str | Path) -> str | None:
+    """'sha256:<hex>' of a saved ensemble's ensemble.json: its members, standardization statistics,
+    validation accuracies and training config, which differ between any two trainings. None without
+    one (loading the ensemble then stops the run, naming the folder)."""
+    meta = Path(directory) / ENSEMBLE_FILE
+    return sha256_file(meta) if meta.is_file() else None
+
+
+def proxy_identity(cfg: Config, testbed) -> str | None:
+    """The run's proxy ensemble's identity, for `_meta.identity.proxy_cache_key`: its cache
+    folder's name (proxies-<hash>, the key of the proxy settings and the seed; known before
+    anything trains), or with proxy.path saved_ensemble_identity of that folder. None when there
+    is no testbed to train on or proxy.path holds no ensemble (ensure_proxies says why)."""
+    if cfg.proxy.path:
+        return saved_ensemble_identity(cfg.proxy.path)
+    if cfg.proxy.dataset == "testbed" and testbed is None:
+        return None
+    return proxy_cache_dir(cfg, testbed).name
+
+
 def _train_proxies(cfg: Config, testbed, out_dir: Path, device, prefs=None) -> None:
     """Train the ensemble into out_dir on `prefs` (proxy.dataset's pairs; the testbed's when None)."""
     from rlhf_overopt.rewards.training import train_ensemble
@@ -282,6 +302,17 @@ def components_cache_dir(cfg: Config, testbed) -> Path:
     key = json.dumps({"components": comp, "proxy": proxy, "policy": cfg.policy.path, "testbed": testbed.root.name,
                       "seed": cfg.seed, "version": COMPONENTS_CACHE_VERSION}, sort_keys=True)
     return testbed.root.parent / f"components-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def components_identity(cfg: Config, testbed) -> str | None:
+    """The run's component ensembles' identity, for `_meta.identity.components_cache_key`: their
+    cache folder's name (components-<hash>), or with components.path the hash of each component's
+    saved ensemble identity. None when there is no testbed to label components on."""
+    comp = cfg.components
+    if comp.path:
+        saved = {name: saved_ensemble_identity(Path(comp.path) / name) for name in comp.names}
+        return sha256_json(saved) if all(saved.values()) else None
+    return None if testbed is None else components_cache_dir(cfg, testbed).name
 
 
 def _candidate_pairs(cfg: Config, testbed, device) -> dict[str, list]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -158,6 +159,26 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def sha256_bytes(data: bytes) -> str:
+    """'sha256:<hex digest>' of `data`: the form every hash in `_meta.identity` takes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """'sha256:<hex digest>' of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """'sha256:<hex digest>' of `obj` as canonical JSON (sorted keys, no whitespace, UTF-8): a list
+    of strings hashes its items and their order, and no two lists share an encoding."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """What makes a run self-describing: git SHA, library versions, host, command line."""
     return {
@@ -271,16 +292,34 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
-    def init(self, cfg: Config, argv: list[str] | None = None, mark_running: bool = True) -> None:
-        """Create the directory and write the resolved config with provenance (first start only);
-        `mark_running` sets summary.json's status (a resumed run does it once its checkpoint loaded)."""
+    def init(self, cfg: Config, argv: list[str] | None = None, mark_running: bool = True,
+             identity: dict[str, str] | None = None) -> None:
+        """Create the directory and write the resolved config with provenance and the run's
+        `identity` (run/identity.py) under `_meta` (first start only: a resumed run keeps the
+        config.yaml it started with); `mark_running` sets summary.json's status (a resumed run does
+        it once its checkpoint loaded)."""
         if not self.writable:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
-            atomic_write_text(self.config_path, dump_yaml(cfg, provenance(argv)))
+            meta = provenance(argv)
+            if identity is not None:
+                meta["identity"] = identity
+            atomic_write_text(self.config_path, dump_yaml(cfg, meta))
         if mark_running:
             self.write_summary({"status": "running"})
+
+    def recorded_identity(self) -> dict[str, Any] | None:
+        """The identity config.yaml records under `_meta.identity`; None without one (no config.yaml
+        yet, or a run written before identities were recorded)."""
+        if not self.config_path.exists():
+            return None
+        try:
+            stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"output_dir: {self.config_path} is unreadable; cannot resume") from None
+        identity = (stored.get("_meta") or {}).get("identity") if isinstance(stored, dict) else None
+        return dict(identity) if identity else None
 
     def log_curve(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Append evaluation points to curves.jsonl after checking the required keys and finiteness."""

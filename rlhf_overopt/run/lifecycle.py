@@ -3,8 +3,10 @@ summary.json — and nested runs (a driver that needs a run of another method as
 
     execute(cfg, state, driver_for)   ->  exit status
         1. process group and this rank's device; torch threads; seeds (seed + rank)
-        2. rank 0 creates the run directory (config.yaml with provenance) and builds (or finds)
-           the testbed while the other ranks wait, then open the cached copy
+        2. rank 0 builds (or finds) the testbed while the other ranks wait, then they open the
+           cached copy; rank 0 computes the run's identity (run/identity.py: what its seed fixed)
+           and creates the run directory (config.yaml with provenance and identity under _meta),
+           or, resuming, checks the identity against the recorded one
         3. driver(ctx) -> its summary
         4. summary.json: "completed" with the driver's summary, or "failed" with the error
 
@@ -31,6 +33,7 @@ from rlhf_overopt.config.methods import METHODS
 from rlhf_overopt.errors import InputError, NonFiniteError
 from rlhf_overopt.run import dist
 from rlhf_overopt.run.directory import RunDir, read_jsonl, summarize_curves, write_jsonl
+from rlhf_overopt.run.identity import check_identity, run_identity
 from rlhf_overopt.run.seeds import seed_everything
 
 log = logging.getLogger("rlhf_overopt")
@@ -119,6 +122,29 @@ def _open_testbed(cfg: Config, info: dist.DistInfo):
     return testbed if info.is_main else build_testbed(cfg.testbed, progress=False)
 
 
+def init_run_dir(cfg: Config, run: RunDir, testbed, info: dist.DistInfo, state: str,
+                 argv: list[str] | None = None, mark_running: bool = True) -> dict[str, Any] | None:
+    """Rank 0 computes the run's identity once (after the testbed is open), checks it against
+    config.yaml's `_meta.identity` when resuming, and initializes the run directory with it (the
+    identity enters config.yaml at first start only). A failure there stops every rank: rank 0
+    raises its error, the others an error carrying its message. Returns the identity (rank 0)."""
+    identity = failure = None
+    if info.is_main:
+        try:
+            identity = run_identity(cfg, testbed)
+            if state == "resume":
+                check_identity(run.recorded_identity(), identity)
+            run.init(cfg, argv, mark_running=mark_running, identity=identity)
+        except Exception as exc:  # noqa: BLE001 — re-raised below, after the other ranks heard of it
+            failure = exc
+    message = dist.broadcast_object(None if failure is None else (isinstance(failure, InputError), str(failure)))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise (InputError if message[0] else RuntimeError)(f"rank 0: {message[1]}")
+    return identity
+
+
 def _completed_summary(cfg: Config, run: RunDir, started: float, summary: dict[str, Any]) -> dict[str, Any]:
     return {"status": "completed", "method": cfg.method, "wall_time_s": round(time.time() - started, 2),
             "curves": summarize_curves(run.curves()), **summary}
@@ -139,12 +165,11 @@ def execute(cfg: Config, state: str, driver_for: Callable[[str], Driver], argv: 
     run = RunDir(cfg.run_dir, writable=info.is_main)
     ctx = RunContext(cfg=cfg, dist=info, run=run, state=state, driver_for=driver_for)
     try:
-        # 2. run directory and testbed
-        if info.is_main:
-            run.init(cfg, argv, mark_running=state != "resume")
-            log.info("run directory %s (%s), %d rank(s) on %s", run.root, state, info.world_size, info.device)
+        # 2. testbed, identity and run directory
         if uses_testbed(cfg):
             ctx.testbed = _open_testbed(cfg, info)
+        init_run_dir(cfg, run, ctx.testbed, info, state, argv, mark_running=state != "resume")
+        log.info("run directory %s (%s), %d rank(s) on %s", run.root, state, info.world_size, info.device)
         # 3. the driver
         summary = driver_for(cfg.method)(ctx) or {}
         dist.barrier()
@@ -175,8 +200,7 @@ def run_child(parent: RunContext, cfg: Config) -> Path:
             return out
     run = RunDir(out, writable=parent.dist.is_main)
     state = "resume" if (out / "config.yaml").exists() else "new"
-    if parent.dist.is_main:
-        run.init(cfg)
+    init_run_dir(cfg, run, parent.testbed, parent.dist, state)
     dist.barrier()
     log.info("nested %s run into %s (%s)", cfg.method, out, state)
     child = RunContext(cfg=cfg, dist=parent.dist, run=run, state=state, testbed=parent.testbed,
@@ -191,7 +215,9 @@ def run_child(parent: RunContext, cfg: Config) -> Path:
 def _record_failure(ctx: RunContext, exc: BaseException) -> None:
     if ctx.state == "resume" and not ctx.resumed:
         return  # the run's files stay exactly as they were before this attempt
-    if ctx.dist.is_main and ctx.run.root.exists():
+    # A failure before the run directory was initialized (testbed, identity) leaves no summary in a
+    # folder without config.yaml, which a retry would refuse as "not empty and holds no run".
+    if ctx.dist.is_main and ctx.run.config_path.exists():
         ctx.run.write_summary({
             "status": "failed",
             "method": ctx.cfg.method,
