@@ -18,24 +18,48 @@ SCRIPT = ROOT / "tests" / "dist" / "ppo_update_check.py"
 pytestmark = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(out: Path, stage: int, ranks: int, mode: str = "ppo") -> dict:
     cmd = [sys.executable, str(SCRIPT), str(out), str(stage), mode]
     if ranks > 1:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29600 + stage), str(SCRIPT), str(out),
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(SCRIPT), str(out),
                str(stage), mode]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("{"))
     return json.loads(line)
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The update check run at most once per (stage, ranks, mode) in this module (the script is
+    deterministic; several tests compare against the same 1-rank and 2-rank runs): returns
+    (what it printed, the path of the parameters it saved)."""
+    folder, done = tmp_path_factory.mktemp("ppo_update"), {}
+
+    def get(stage: int, ranks: int, mode: str = "ppo") -> tuple[dict, Path]:
+        key = (stage, ranks, mode)
+        if key not in done:
+            out = folder / f"{mode}-zero{stage}-{ranks}ranks.pt"
+            done[key] = (launch(out, stage, ranks, mode), out)
+        return done[key]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_equal_one_rank(tmp_path, stage):
-    one = launch(tmp_path / "one.pt", stage, 1)
-    two = launch(tmp_path / "two.pt", stage, 2)
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+def test_two_ranks_equal_one_rank(launched, stage):
+    (one, one_path), (two, two_path) = launched(stage, 1), launched(stage, 2)
+    a, b = torch.load(one_path), torch.load(two_path)
     assert a["params"].keys() == b["params"].keys()
     worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
     assert worst < 1e-5, f"largest parameter difference {worst}"
@@ -56,13 +80,12 @@ def test_two_ranks_equal_one_rank(tmp_path, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "normalization"), [(2, "sequence"), (3, "token"), (0, "constant")])
-def test_group_update_two_ranks_equal_one_rank(tmp_path, stage, normalization):
+def test_group_update_two_ranks_equal_one_rank(launched, stage, normalization):
     """GRPO's update (two groups of 4, one per rank) with the k3 KL in the loss: 2 ranks == 1 rank,
     for each loss normalization (the token mean is the one that needs DeepSpeed's rescaling)."""
     mode = f"grpo-{normalization}"
-    one = launch(tmp_path / "one.pt", stage, 1, mode)
-    launch(tmp_path / "two.pt", stage, 2, mode)
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    (one, one_path), (_, two_path) = launched(stage, 1, mode), launched(stage, 2, mode)
+    a, b = torch.load(one_path), torch.load(two_path)
     policy_keys = [k for k in a["params"] if not k.startswith("value.")]
     worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in policy_keys)
     assert worst < 1e-5, f"largest parameter difference {worst}"
@@ -82,7 +105,7 @@ def launch_two_nodes(out: Path, stage: int, tmp_path: Path, port: int) -> dict:
 
     other = subprocess.Popen(node(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        result = subprocess.run(node(0), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        result = subprocess.run(node(0), check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     finally:
         other.wait(timeout=120)
     assert result.returncode == 0 and other.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -90,14 +113,13 @@ def launch_two_nodes(out: Path, stage: int, tmp_path: Path, port: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_nodes_equal_two_ranks_and_one_rank(tmp_path):
+def test_two_nodes_equal_two_ranks_and_one_rank(launched, tmp_path):
     """The multi-node launch (hostfile, --no_ssh --node_rank) gives the same parameters after a PPO
-    update at ZeRO-2 as two ranks on one node, and as one rank."""
-    nodes = launch_two_nodes(tmp_path / "nodes.pt", 2, tmp_path, 29620)
-    launch(tmp_path / "ranks.pt", 2, 2)
-    launch(tmp_path / "one.pt", 2, 1)
+    update at ZeRO-2 as two ranks on one node, and as one rank (the runs test_two_ranks_equal_one_rank
+    compares, made once for both)."""
+    nodes = launch_two_nodes(tmp_path / "nodes.pt", 2, tmp_path, _free_port())
     assert nodes["world"] == 2
-    a, b, c = (torch.load(tmp_path / f"{n}.pt") for n in ("nodes", "ranks", "one"))
+    a, b, c = torch.load(tmp_path / "nodes.pt"), torch.load(launched(2, 2)[1]), torch.load(launched(2, 1)[1])
     worst_ranks = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
     worst_one = max((a["params"][k] - c["params"][k]).abs().max().item() for k in a["params"])
     print(f"two nodes vs two ranks: {worst_ranks:.3g}; two nodes vs one rank: {worst_one:.3g}")
