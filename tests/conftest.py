@@ -55,3 +55,42 @@ def foreign_world(tmp_path_factory):
     import foreign_world as fw
 
     return fw.build(tmp_path_factory.mktemp("foreign_world"))
+
+
+def _train_cli(config: Path, out: Path, cache: Path, *overrides: str, env: dict | None = None) -> Path:
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config), f"output_dir={out}",
+           f"testbed.cache_dir={cache}", *overrides]
+    result = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+# Completed runs of the tiny configs, each made ONCE per session with the options the union of
+# their readers needs. Read-only for the readers: a test that needs a run to resume, corrupt or
+# continue makes its own (a copy would not do: a run refuses to resume under another output_dir);
+# a command that must leave the run as it was (a no-op resume, a refused start) may run on it if
+# the test checks that not a byte changed.
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_run(tmp_path_factory, tiny_testbed) -> Path:
+    """configs/tiny/ppo_ensemble.yaml as it is (4 steps, evaluations at 0/2/4, checkpoints at 2/4),
+    with W&B offline under name tiny-wandb, project overopt-tests, group tiny-group (test_wandb reads
+    the log; W&B changes nothing else in the run: test_ppo and test_reliability compare it with runs
+    made without it). Readers: test_ppo, test_reliability, test_wandb."""
+    out = tmp_path_factory.mktemp("tiny_ppo") / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return _train_cli(ROOT / "configs" / "tiny" / "ppo_ensemble.yaml", out, tiny_testbed.root.parent,
+                      "name=tiny-wandb", "wandb.mode=offline", "wandb.project=overopt-tests",
+                      "wandb.group=tiny-group", env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_bon_run(tmp_path_factory, tiny_testbed) -> Path:
+    """configs/tiny/bon_ensemble.yaml as it is (pool of 16 on 8 prompts, 3 proxies, every
+    aggregator). Readers: test_bon."""
+    out = tmp_path_factory.mktemp("tiny_bon") / "run"
+    return _train_cli(ROOT / "configs" / "tiny" / "bon_ensemble.yaml", out, tiny_testbed.root.parent)

@@ -8,9 +8,6 @@ The analysis report's --wandb upload is checked the same way.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -26,15 +23,10 @@ TINY = ROOT / "configs" / "tiny" / "ppo_ensemble.yaml"
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory, tiny_testbed) -> Path:
-    out = tmp_path_factory.mktemp("wandb") / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(TINY),
-           f"testbed.cache_dir={tiny_testbed.root.parent}", f"output_dir={out}", "name=tiny-wandb",
-           "wandb.mode=offline", "wandb.project=overopt-tests", "wandb.group=tiny-group"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+def offline_run(tiny_ppo_run) -> Path:
+    """The session's tiny PPO run (tests/conftest.py), made with wandb.mode=offline, name tiny-wandb,
+    project overopt-tests, group tiny-group; read-only."""
+    return tiny_ppo_run
 
 
 @pytest.mark.slow
