@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -51,13 +52,8 @@ def test_rows_follow_the_aggregated_objective_not_a_member():
 
 
 @pytest.mark.slow
-def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/bon_ensemble.yaml"),
-           f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_bon_cli_on_the_tiny_testbed(tiny_bon_run, tiny_testbed):
+    out = tiny_bon_run  # the session's (tests/conftest.py)
     rows = read_jsonl(out / "curves.jsonl")
     aggs = {r["aggregator"] for r in rows}
     assert aggs == {"member_0", "member_1", "member_2", "mean", "wco", "uwo", "median", "mean_minus_std"}
@@ -65,7 +61,7 @@ def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
     for agg in aggs:
         curve = sorted((r for r in rows if r["aggregator"] == agg), key=lambda r: r["n"])
         # the optimized objective can only rise with n (expected max of more draws)
-        assert all(b["proxy_score"] >= a["proxy_score"] - 1e-6 for a, b in zip(curve, curve[1:]))
+        assert all(b["proxy_score"] >= a["proxy_score"] - 1e-6 for a, b in itertools.pairwise(curve))
     n1 = {r["gold_score"] for r in rows if r["n"] == 1}
     assert max(n1) - min(n1) < 1e-6  # n = 1 is the pool's mean gold whatever the aggregator
     summary = json.loads((out / "summary.json").read_text())
@@ -75,11 +71,24 @@ def test_bon_cli_on_the_tiny_testbed(tiny_testbed, tmp_path):
     pool = load_from_disk(str(out / "pool"))
     assert len(pool) == 8 * 16 and len(pool[0]["proxy_scores"]) == 3
     assert (out / "report" / "table.md").exists()
-    # running it again is a no-op that says so; without resume=true it refuses to overwrite
-    again = subprocess.run(cmd + ["resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    # running it again is a no-op that says so; without resume=true it refuses to overwrite; neither
+    # writes a byte (which is also what lets them run on the session's run: a copy elsewhere would
+    # be refused for its other output_dir)
+    import hashlib
+
+    def snapshot() -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/bon_ensemble.yaml"),
+           f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    again = subprocess.run(cmd + ["resume=true"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "already completed" in again.stdout
-    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    refused = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    assert snapshot() == before
 
 
 @pytest.mark.slow
@@ -95,30 +104,28 @@ def test_proxies_on_a_subset_of_the_pairs(tiny_testbed, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/train_rm.yaml"),
            f"output_dir={out}", f"testbed.cache_dir={tiny_testbed.root.parent}", "proxy.train_pairs=40"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(40 train /" in result.stderr
     trained = Path(json.loads((out / "proxies.json").read_text())["path"])
     assert trained == proxy_cache_dir(subset, tiny_testbed)
     assert json.loads((trained / "ensemble.json").read_text())["train_config"]["train_pairs"] == 40
-    too_many = subprocess.run(cmd[:-1] + ["proxy.train_pairs=100000", f"output_dir={tmp_path / 'bad'}"], cwd=ROOT,
+    too_many = subprocess.run(cmd[:-1] + ["proxy.train_pairs=100000", f"output_dir={tmp_path / 'bad'}"], check=False, cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
     assert too_many.returncode == 2 and "exceeds the" in too_many.stderr
 
 
 @pytest.mark.slow
-def test_bon_from_an_existing_scored_pool(tiny_testbed, tmp_path):
+def test_bon_from_an_existing_scored_pool(tiny_bon_run, tiny_testbed, tmp_path):
     """bon.pool: a released gold-scored pool (here: this run's own pool, re-saved as jsonl without
     its member scores) gives the same curves as sampling it, the proxies filling in the members."""
     import json as _json
 
     cache = f"testbed.cache_dir={tiny_testbed.root.parent}"
-    first = tmp_path / "sampled"
+    first = tiny_bon_run  # the sampled run: the session's (tests/conftest.py), read-only
     base = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/tiny/bon_ensemble.yaml"),
             cache]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    assert subprocess.run(base + [f"output_dir={first}"], cwd=ROOT, env=env, capture_output=True,
-                          timeout=600).returncode == 0
     from datasets import load_from_disk
 
     pool = load_from_disk(str(first / "pool"))
@@ -126,7 +133,7 @@ def test_bon_from_an_existing_scored_pool(tiny_testbed, tmp_path):
     released.write_text("".join(_json.dumps({"prompt": r["prompt"], "completion": r["response"], "ended": r["ended"],
                                              "gold": r["gold_score"]}) + "\n" for r in pool))
     second = tmp_path / "from_pool"
-    result = subprocess.run(base + [f"output_dir={second}", f"bon.pool={released}"], cwd=ROOT, env=env,
+    result = subprocess.run(base + [f"output_dir={second}", f"bon.pool={released}"], check=False, cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     keep = ("aggregator", "n", "gold_score", "kl")
@@ -137,17 +144,17 @@ def test_bon_from_an_existing_scored_pool(tiny_testbed, tmp_path):
     other = tmp_path / "other_scores"
     pool.map(lambda r: {"proxy_scores": [0.0] * len(r["proxy_scores"])}).save_to_disk(str(other))
     rescored = tmp_path / "rescored"
-    assert subprocess.run(base + [f"output_dir={rescored}", f"bon.pool={other}"], cwd=ROOT, env=env,
+    assert subprocess.run(base + [f"output_dir={rescored}", f"bon.pool={other}"], check=False, cwd=ROOT, env=env,
                           capture_output=True, timeout=600).returncode == 0
     c = read_jsonl(rescored / "curves.jsonl")
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in c]
     # ... and kept with bon.pool_scores=keep (every member score of the curves is then 0)
     kept = tmp_path / "kept"
-    assert subprocess.run(base + [f"output_dir={kept}", f"bon.pool={other}", "bon.pool_scores=keep"], cwd=ROOT,
+    assert subprocess.run(base + [f"output_dir={kept}", f"bon.pool={other}", "bon.pool_scores=keep"], check=False, cwd=ROOT,
                           env=env, capture_output=True, timeout=600).returncode == 0
     assert all(v == 0.0 for r in read_jsonl(kept / "curves.jsonl") for v in r["proxy_member_scores"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "text": "b"}\n')
-    result = subprocess.run(base + [f"output_dir={tmp_path / 'bad'}", f"bon.pool={bad}"], cwd=ROOT, env=env,
+    result = subprocess.run(base + [f"output_dir={tmp_path / 'bad'}", f"bon.pool={bad}"], check=False, cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "bon.pool:" in result.stderr and "no response column" in result.stderr
