@@ -418,18 +418,29 @@ def test_dynamic_weighting_cli(mode, tiny_testbed, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 def test_constrained_ppo_two_ranks_zero2(tiny_testbed, tmp_path):
+    """Two ranks at ZeRO-2, one PPO step (as small as the property: an evaluation before and after
+    the step, whose multiplier update reads the all-reduced constraint values)."""
     out = tmp_path / "run"
-    train("constrained_ppo", f"output_dir={out}", "deepspeed.zero_stage=2", "ppo.steps=2",
-          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29671"])
+    small = ("deepspeed.zero_stage=2", "ppo.steps=1", "eval.every=1")
+    train("constrained_ppo", f"output_dir={out}", *small,
+          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())])
     rows = read_jsonl(out / "curves.jsonl")
-    assert [r["step"] for r in rows] == [0, 2] and rows[0]["n_eval"] == 16
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["n_eval"] == 16
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     # the multipliers stepped on the all-reduced constraint values, and the policy moved
     assert rows[-1]["multiplier_params"] != rows[0]["multiplier_params"] and rows[-1]["kl"] != rows[0]["kl"]
     # the same 2-rank run again gives the same curves: gathers and all-reduces are deterministic
     again = tmp_path / "again"
-    train("constrained_ppo", f"output_dir={again}", "deepspeed.zero_stage=2", "ppo.steps=2",
-          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29672"])
+    train("constrained_ppo", f"output_dir={again}", *small,
+          cache=tiny_testbed.root.parent, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())])
     timing = ("time_generate_s", "time_step_s")
     assert ([{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(again / "curves.jsonl")]
             == [{k: v for k, v in r.items() if k not in timing} for r in rows])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -255,7 +255,7 @@ def test_member_margins_are_cached_per_ensemble_and_pairs(tmp_path):
     assert again_ens.calls == [] and stats["member_margins_cached"]
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     wco_ens = _FakeEnsemble()
-    wco, _ = margin_weights(cfg("madpo.margin_aggregator=wco"), wco_ens, columns, rank=0, world=1, ensemble_root=root)
+    _wco, _ = margin_weights(cfg("madpo.margin_aggregator=wco"), wco_ens, columns, rank=0, world=1, ensemble_root=root)
     assert wco_ens.calls == []  # the aggregator is applied after the cache
     for change in ("pairs", "ensemble", "batch"):
         ens = _FakeEnsemble()
@@ -432,12 +432,20 @@ def test_resume_equals_uninterrupted(dpo_run, tmp_path, tiny_testbed):
         torch.testing.assert_close(final_resumed[key], value, atol=1e-6, rtol=0)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 def test_two_rank_zero3_equals_one_rank(dpo_run, tmp_path, tiny_testbed):
     out = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29671", str(ROOT / "launch" / "train.py"), "--config",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "launch" / "train.py"), "--config",
            str(ROOT / "configs/tiny/dpo.yaml"), f"output_dir={out}", "deepspeed.zero_stage=3",
            f"testbed.cache_dir={tiny_testbed.root.parent}"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

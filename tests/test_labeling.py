@@ -213,7 +213,7 @@ def test_two_ranks_give_the_one_rank_dataset(label_run, tiny_testbed, tmp_path):
 def test_kill_then_resume_equals_uninterrupted(tiny_testbed, tmp_path):
     cache = tiny_testbed.root.parent
     # many one-prompt chunks, so that a kill after the first one lands mid-run
-    small = ("label.chunk_prompts=1", "label.max_prompts=128", "label.responses_per_prompt=4", "label.batch_size=1")
+    small = ("label.chunk_prompts=1", "label.max_prompts=32", "label.responses_per_prompt=4", "label.batch_size=1")
     whole = tmp_path / "whole"
     label(whole, cache, *small)
 
@@ -227,7 +227,7 @@ def test_kill_then_resume_equals_uninterrupted(tiny_testbed, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(chunks.glob("chunk*.json")))
-    assert 1 <= done < 128, f"the kill did not land mid-run ({done} of 128 chunks)"
+    assert 1 <= done < 32, f"the kill did not land mid-run ({done} of 32 chunks)"
     assert not (out / "preferences").exists()
 
     result = label(out, cache, *small, "resume=true")

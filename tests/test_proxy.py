@@ -435,13 +435,18 @@ def test_train_ensemble_argument_errors(world, tmp_path):
 
 def test_members_trained_in_processes_equal_members_trained_here(trained, world):
     """proxy.train_workers changes where members train, not their weights: two spawned worker
-    processes give bit-identical members to training them one after another in this process."""
+    processes give bit-identical members to training them one after another in this process. The
+    module's trained ensemble (train_workers=0: as many workers as the cores allow) stands in for the
+    worker count it used; only the other one is trained here."""
     from rlhf_overopt.rewards.training import member_workers
 
-    here = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
-                          _cfg("independent", train_workers=1), progress=False)
-    spawned = train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
-                             _cfg("independent", train_workers=2), progress=False)
+    def fresh(workers: int) -> ProxyEnsemble:
+        return train_ensemble("independent", world["lm"], world["tokenizer"], world["train"], world["val"], None,
+                              _cfg("independent", train_workers=workers), progress=False)
+
+    auto = member_workers(0, 3, "cpu")
+    here = trained("independent") if auto == 1 else fresh(1)
+    spawned = trained("independent") if auto == 2 else fresh(2)
     for a, b in zip(here.members.models, spawned.members.models):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
