@@ -133,11 +133,17 @@ def run_cli(config: Path, *overrides: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, out: Path, expected: str) -> None:
+def assert_clean_failure(result: subprocess.CompletedProcess, out: Path, expected: str, *,
+                         before_run_dir: bool = False) -> None:
+    """Exit 2 with one error line; the run directory records the failure, or (`before_run_dir`: the
+    input was read while the run's identity was computed, before the directory is made) does not exist."""
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    if before_run_dir:
+        assert not out.exists()
+        return
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and expected in summary["error"]
 
@@ -273,7 +279,8 @@ def test_proxy_dataset_in_neither_format(tiny_testbed, tmp_path):
     out = tmp_path / "run"
     result = run_cli(ROOT / "configs" / "tiny" / "train_rm.yaml", f"output_dir={out}",
                      f"testbed.cache_dir={tiny_testbed.root.parent}", f"proxy.dataset={data}")
-    assert_clean_failure(result, out, "proxy.dataset: ")
+    # proxy.dataset is read for the proxy cache key of the run's identity, before the run directory exists
+    assert_clean_failure(result, out, "proxy.dataset: ", before_run_dir=True)
     error = next(line for line in result.stderr.splitlines() if "error:" in line)
     assert "(has text, label)" in error and "implicit prompt" in error
     assert "independent proxies" not in result.stderr  # the "training K independent proxies" line
