@@ -451,3 +451,17 @@ def test_explicit_keys_made_unused_are_reported_in_one_line(caplog, overrides, k
 ])
 def test_keys_in_use_are_not_reported(caplog, overrides):
     assert _notes(caplog, overrides) == []
+
+
+def test_a_user_world_does_not_open_the_testbed():
+    """configs/foreign/ name their own policy, gold, prompts and pairs: no stage may build the
+    testbed (dpo.dataset's default once made every one of them build the full-size testbed)."""
+    from rlhf_overopt.run.lifecycle import uses_testbed
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    foreign = sorted((root / "foreign").glob("*.yaml"))
+    assert foreign
+    for path in foreign:
+        assert not uses_testbed(load_config(path, check_paths=False)), path.name
+    for path in sorted((root / "tiny").glob("*.yaml")):
+        assert uses_testbed(load_config(path, check_paths=False)), path.name

@@ -30,6 +30,7 @@ import torch
 
 from rlhf_overopt.config.experiment import Config
 from rlhf_overopt.config.methods import METHODS
+from rlhf_overopt.config.validate import world_sources
 from rlhf_overopt.errors import InputError, NonFiniteError
 from rlhf_overopt.run import dist
 from rlhf_overopt.run.directory import RunDir, read_jsonl, summarize_curves, write_jsonl
@@ -70,7 +71,14 @@ class RunContext:
 
 
 def uses_testbed(cfg: Config) -> bool:
-    return METHODS[cfg.method].builds_testbed or "testbed" in (cfg.policy.path, cfg.gold.path, cfg.dpo.dataset)
+    """Whether the run opens (and if need be builds) the testbed: the method builds it, or some part
+    of the world the method reads comes from it (policy, gold, prompts, proxy or DPO pairs; the
+    composite methods' component rewards train on its data). A key of a section the method does not
+    read never counts: dpo.dataset's default alone once made every user-world run build the
+    full-size testbed."""
+    method = METHODS[cfg.method]
+    return (method.builds_testbed or method.composite or cfg.policy.path == "testbed"
+            or "testbed" in world_sources(cfg).values())
 
 
 def setup_logging(rank: int) -> None:
