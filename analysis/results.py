@@ -65,7 +65,7 @@ def collect(name: str, sources: Sequence[str], results: Path = RESULTS) -> list[
 
 
 
-# --- comparisons (DESIGN.md 6.15): paired where pairing is provable, Welch otherwise, with power ---------
+# --- comparisons: paired where pairing is provable, Welch otherwise, with power ---------
 
 @dataclass(frozen=True)
 class Seeded:

@@ -1,7 +1,7 @@
 """What a run's seed fixed, recorded so that pairing arms by seed can be proven, not assumed.
 
 Arms of a comparison that share a seed share that seed's proxy ensemble, initial policy and
-evaluation prompts (common random numbers; DESIGN.md §6 item 15), so their per-seed differences are
+evaluation prompts (common random numbers, as in Agarwal et al. 2021), so their per-seed differences are
 paired. A run records those things' identities in config.yaml under `_meta.identity`, and
 analysis/ pairs two runs only when seed and identity agree (analysis/stats.py `pair_runs`):
 
