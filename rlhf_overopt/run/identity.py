@@ -27,7 +27,7 @@ from typing import Any
 
 from rlhf_overopt.config.experiment import Config
 from rlhf_overopt.config.methods import METHODS
-from rlhf_overopt.data.prompts import check_prompts, policy_path
+from rlhf_overopt.data.prompts import check_prompts
 from rlhf_overopt.errors import InputError
 from rlhf_overopt.rewards.cache import components_identity, proxy_identity
 from rlhf_overopt.run.directory import sha256_file, sha256_json
@@ -74,13 +74,8 @@ def prompts_identity(prompts: Sequence[str]) -> str:
 def eval_prompts_identity(cfg: Config, testbed) -> str:
     """prompts_identity of the run's eval prompts, unsharded, as every rank's shares concatenate:
     data.prompts.check_prompts' second list (the first eval.n_prompts, chat-templated when
-    data.chat_template), read again here."""
-    tokenizer = None
-    if cfg.data.chat_template:
-        from rlhf_overopt.run.models import load_tokenizer
-
-        tokenizer = load_tokenizer(policy_path(cfg, testbed), cfg.policy.trust_remote_code)
-    _, evaluation = check_prompts(cfg, testbed, tokenizer, required=True)
+    data.chat_template, with the policy tokenizer check_prompts loads itself), read again here."""
+    _, evaluation = check_prompts(cfg, testbed, required=True)
     return prompts_identity(evaluation)
 
 
